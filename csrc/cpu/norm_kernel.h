@@ -1,0 +1,62 @@
+// CPU kernels of the LayerNorm / RMSNorm family, one build per ISA (see isa.h).
+// The operator layer (csrc/norm.cpp) validates arguments and allocates outputs;
+// these functions only compute, on contiguous row-major data.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/core/ScalarType.h>
+
+namespace torch_wsl::cpu {
+
+// Pointers are to contiguous [rows, cols] data of `dtype`, except weight/bias
+// (cols values of the accumulation type: float, or double for double inputs)
+// and mean/rstd (rows values of the accumulation type). Optional ones are null.
+struct NormForwardArgs {
+  const void* input = nullptr;
+  const void* residual = nullptr;  // when set, residual_out = input + residual is normalized
+  const void* weight = nullptr;
+  const void* bias = nullptr;
+  void* output = nullptr;
+  void* residual_out = nullptr;    // set iff residual is set
+  void* mean = nullptr;            // LayerNorm only
+  void* rstd = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  double eps = 0.0;
+  bool center = true;              // LayerNorm (true) or RMSNorm (false)
+  c10::ScalarType dtype = c10::ScalarType::Float;
+};
+
+struct NormBackwardArgs {
+  const void* grad_output = nullptr;
+  const void* grad_residual_out = nullptr;  // optional: gradient flowing past the norm, added to grad_input
+  const void* input = nullptr;              // what was normalized (residual_out for the fused add)
+  const void* mean = nullptr;               // LayerNorm only
+  const void* rstd = nullptr;
+  const void* weight = nullptr;             // accumulation type, or null
+  void* grad_input = nullptr;
+  void* grad_weight = nullptr;              // accumulation type, cols values, or null when not wanted
+  void* grad_bias = nullptr;                // accumulation type, cols values, or null when not wanted
+  int64_t rows = 0;
+  int64_t cols = 0;
+  bool center = true;
+  c10::ScalarType dtype = c10::ScalarType::Float;
+};
+
+// Entry points: dispatch on the active ISA.
+void norm_forward(const NormForwardArgs& args);
+void norm_backward(const NormBackwardArgs& args);
+
+// One set per ISA; defined in norm_kernel_{default,avx2,avx512}.cpp.
+#define TORCH_WSL_DECLARE_NORM_ISA(ns)                  \
+  namespace ns {                                        \
+  void norm_forward(const NormForwardArgs& args);       \
+  void norm_backward(const NormBackwardArgs& args);     \
+  }
+TORCH_WSL_DECLARE_NORM_ISA(isa_default)
+TORCH_WSL_DECLARE_NORM_ISA(isa_avx2)
+TORCH_WSL_DECLARE_NORM_ISA(isa_avx512)
+#undef TORCH_WSL_DECLARE_NORM_ISA
+
+}  // namespace torch_wsl::cpu

@@ -1,0 +1,236 @@
+// LayerNorm / RMSNorm operators: schemas, argument checks, and the CPU kernels'
+// registration. The CUDA registration is in cuda/norm_kernels.cu.
+#include "norm.h"
+
+#include <limits>
+
+#include <ATen/ops/empty.h>
+#include <c10/util/irange.h>
+
+#include "cpu/norm_kernel.h"
+
+namespace torch_wsl {
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+void check_float_dtype(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(is_supported_float(t.scalar_type()), "torch_wsl.", op, ": expected ", name,
+              " to have a floating dtype (float32, float16, bfloat16 or float64), got ", t.scalar_type());
+}
+
+void check_same_device(const char* op, const char* name, const Tensor& t, const Tensor& input) {
+  TORCH_CHECK(t.device() == input.device(), "torch_wsl.", op, ": expected ", name,
+              " to be on the same device as input (", input.device(), "), got ", t.device());
+}
+
+// residual / grad tensors that must match input exactly.
+void check_like_input(const char* op, const char* name, const Tensor& t, const Tensor& input) {
+  check_same_device(op, name, t, input);
+  TORCH_CHECK(t.sizes() == input.sizes(), "torch_wsl.", op, ": expected ", name, " to have the shape of input ",
+              input.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "torch_wsl.", op, ": expected ", name,
+              " to have the dtype of input (", input.scalar_type(), "), got ", t.scalar_type());
+}
+
+// weight / bias: shape normalized_shape, any floating dtype. Returned contiguous,
+// in input's dtype or the accumulation type (converted if it was neither).
+Tensor prepare_param(const char* op, const char* name, const Tensor& p, at::IntArrayRef normalized_shape,
+                     const Tensor& input) {
+  check_same_device(op, name, p, input);
+  check_float_dtype(op, name, p);
+  TORCH_CHECK(p.sizes() == normalized_shape, "torch_wsl.", op, ": expected ", name,
+              " to have shape normalized_shape ", normalized_shape, ", got ", p.sizes());
+  const at::ScalarType acc = norm_acc_type(input.scalar_type());
+  Tensor out = p;
+  if (p.scalar_type() != input.scalar_type() && p.scalar_type() != acc) out = p.to(acc);
+  return out.contiguous();
+}
+
+struct RowsCols {
+  int64_t rows;
+  int64_t cols;
+  std::vector<int64_t> stat_shape;  // input.shape[:-len(normalized_shape)]
+};
+
+RowsCols check_input_shape(const char* op, const Tensor& input, at::IntArrayRef normalized_shape) {
+  check_float_dtype(op, "input", input);
+  const int64_t k = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK(k > 0, "torch_wsl.", op, ": expected normalized_shape to name at least one dimension, got []");
+  TORCH_CHECK(input.dim() >= k && input.sizes().slice(input.dim() - k) == normalized_shape, "torch_wsl.", op,
+              ": expected normalized_shape ", normalized_shape,
+              " to match the trailing dimensions of input, got input of shape ", input.sizes());
+  RowsCols rc{1, 1, {}};
+  for (const auto i : c10::irange(input.dim())) {
+    if (i < input.dim() - k) {
+      rc.rows *= input.size(i);
+      rc.stat_shape.push_back(input.size(i));
+    } else {
+      rc.cols *= input.size(i);
+    }
+  }
+  return rc;
+}
+
+}  // namespace
+
+at::ScalarType norm_acc_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+NormForward prepare_norm_forward(const char* op, bool center, const Tensor& input, const OptTensor& residual,
+                                 at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
+                                 std::optional<double> eps) {
+  const RowsCols rc = check_input_shape(op, input, normalized_shape);
+  if (residual) check_like_input(op, "residual", *residual, input);
+  NormForward p;
+  if (weight) p.weight = prepare_param(op, "weight", *weight, normalized_shape, input);
+  if (bias) p.bias = prepare_param(op, "bias", *bias, normalized_shape, input);
+  const at::ScalarType acc = norm_acc_type(input.scalar_type());
+  if (eps) {
+    p.eps = *eps;
+  } else {  // torch.nn.functional.rms_norm's default: the accumulation type's machine epsilon
+    p.eps = acc == at::kDouble ? std::numeric_limits<double>::epsilon() : std::numeric_limits<float>::epsilon();
+  }
+  TORCH_CHECK(p.eps >= 0.0, "torch_wsl.", op, ": expected eps >= 0, got ", p.eps);
+
+  p.input = input.contiguous();
+  if (residual) p.residual = residual->contiguous();
+  p.rows = rc.rows;
+  p.cols = rc.cols;
+  p.center = center;
+  const auto opts = input.options().memory_format(at::MemoryFormat::Contiguous);
+  p.output = at::empty(input.sizes(), opts);
+  if (residual) p.residual_out = at::empty(input.sizes(), opts);
+  const auto stat_opts = input.options().dtype(acc);
+  if (center) p.mean = at::empty(rc.stat_shape, stat_opts);
+  p.rstd = at::empty(rc.stat_shape, stat_opts);
+  return p;
+}
+
+NormBackward prepare_norm_backward(const char* op, bool center, const Tensor& grad_output,
+                                   const OptTensor& grad_residual_out, const Tensor& input,
+                                   at::IntArrayRef normalized_shape, const OptTensor& mean, const Tensor& rstd,
+                                   const OptTensor& weight, bool want_grad_weight, bool want_grad_bias) {
+  const RowsCols rc = check_input_shape(op, input, normalized_shape);
+  check_like_input(op, "grad_output", grad_output, input);
+  if (grad_residual_out) check_like_input(op, "grad_residual_out", *grad_residual_out, input);
+  const at::ScalarType acc = norm_acc_type(input.scalar_type());
+  auto check_stat = [&](const char* name, const Tensor& t) {
+    check_same_device(op, name, t, input);
+    TORCH_CHECK(t.numel() == rc.rows && t.scalar_type() == acc, "torch_wsl.", op, ": expected ", name, " to hold ",
+                rc.rows, " values of dtype ", acc, " (one per normalized row), got shape ", t.sizes(), " and dtype ",
+                t.scalar_type());
+  };
+  NormBackward p;
+  if (center) {
+    TORCH_CHECK(mean.has_value(), "torch_wsl.", op, ": expected mean to be given");
+    check_stat("mean", *mean);
+    p.mean = mean->contiguous();
+  }
+  check_stat("rstd", rstd);
+  p.rstd = rstd.contiguous();
+  if (weight) p.weight = prepare_param(op, "weight", *weight, normalized_shape, input);
+
+  p.grad_output = grad_output.contiguous();
+  if (grad_residual_out) p.grad_residual_out = grad_residual_out->contiguous();
+  p.input = input.contiguous();
+  p.rows = rc.rows;
+  p.cols = rc.cols;
+  p.center = center;
+  p.grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto acc_opts = input.options().dtype(acc);
+  if (want_grad_weight) p.grad_weight = at::empty({rc.cols}, acc_opts);
+  if (want_grad_bias) p.grad_bias = at::empty({rc.cols}, acc_opts);
+  return p;
+}
+
+Tensor finish_param_grad(const Tensor& grad_acc, const OptTensor& param, const Tensor& input) {
+  if (!grad_acc.defined() || !param.has_value()) return at::empty({0}, input.options());
+  return grad_acc.view(param->sizes()).to(param->scalar_type());
+}
+
+namespace {
+
+const void* data_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+void* mutable_data_or_null(const Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
+
+// The CPU kernels take weight/bias in the accumulation type.
+Tensor to_acc(const Tensor& param, at::ScalarType acc) {
+  return param.defined() ? param.to(acc).contiguous() : param;
+}
+
+struct CpuNormBackend {
+  static void forward(NormForward& p) {
+    if (p.rows == 0) return;
+    const at::ScalarType acc = norm_acc_type(p.input.scalar_type());
+    const Tensor weight = to_acc(p.weight, acc);
+    const Tensor bias = to_acc(p.bias, acc);
+    cpu::NormForwardArgs a;
+    a.input = p.input.const_data_ptr();
+    a.residual = data_or_null(p.residual);
+    a.weight = data_or_null(weight);
+    a.bias = data_or_null(bias);
+    a.output = p.output.mutable_data_ptr();
+    a.residual_out = mutable_data_or_null(p.residual_out);
+    a.mean = mutable_data_or_null(p.mean);
+    a.rstd = p.rstd.mutable_data_ptr();
+    a.rows = p.rows;
+    a.cols = p.cols;
+    a.eps = p.eps;
+    a.center = p.center;
+    a.dtype = p.input.scalar_type();
+    cpu::norm_forward(a);
+  }
+
+  static void backward(NormBackward& p) {
+    const at::ScalarType acc = norm_acc_type(p.input.scalar_type());
+    if (p.grad_weight.defined()) p.grad_weight.zero_();
+    if (p.grad_bias.defined()) p.grad_bias.zero_();
+    if (p.rows == 0 || p.cols == 0) return;
+    const Tensor weight = to_acc(p.weight, acc);
+    cpu::NormBackwardArgs a;
+    a.grad_output = p.grad_output.const_data_ptr();
+    a.grad_residual_out = data_or_null(p.grad_residual_out);
+    a.input = p.input.const_data_ptr();
+    a.mean = data_or_null(p.mean);
+    a.rstd = p.rstd.const_data_ptr();
+    a.weight = data_or_null(weight);
+    a.grad_input = p.grad_input.mutable_data_ptr();
+    a.grad_weight = mutable_data_or_null(p.grad_weight);
+    a.grad_bias = mutable_data_or_null(p.grad_bias);
+    a.rows = p.rows;
+    a.cols = p.cols;
+    a.center = p.center;
+    a.dtype = p.input.scalar_type();
+    cpu::norm_backward(a);
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(torch_wsl, m) {
+  m.def(
+      "layer_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, Tensor? bias=None, float eps=1e-05)"
+      " -> (Tensor output, Tensor mean, Tensor rstd)");
+  m.def(
+      "add_layer_norm(Tensor input, Tensor residual, SymInt[] normalized_shape, Tensor? weight=None, "
+      "Tensor? bias=None, float eps=1e-05) -> (Tensor output, Tensor residual_out, Tensor mean, Tensor rstd)");
+  m.def(
+      "layer_norm_backward(Tensor grad_output, Tensor? grad_residual_out, Tensor input, SymInt[] normalized_shape, "
+      "Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, bool[2] output_mask)"
+      " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "rms_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, float? eps=None)"
+      " -> (Tensor output, Tensor rstd)");
+  m.def(
+      "add_rms_norm(Tensor input, Tensor residual, SymInt[] normalized_shape, Tensor? weight=None, float? eps=None)"
+      " -> (Tensor output, Tensor residual_out, Tensor rstd)");
+  m.def(
+      "rms_norm_backward(Tensor grad_output, Tensor? grad_residual_out, Tensor input, SymInt[] normalized_shape, "
+      "Tensor rstd, Tensor? weight, bool weight_grad) -> (Tensor grad_input, Tensor grad_weight)");
+}
+
+TORCH_LIBRARY_IMPL(torch_wsl, CPU, m) { register_norm_kernels<CpuNormBackend>(m); }
+
+}  // namespace torch_wsl

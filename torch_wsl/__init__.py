@@ -1,0 +1,45 @@
+"""torch_wsl: faster, sturdier PyTorch training on NVIDIA GPUs under WSL2.
+
+`import torch_wsl` loads the compiled operators (``torch.ops.torch_wsl.*``,
+with CPU and CUDA kernels, autograd and fake kernels for ``torch.compile``)
+and the runtime services. Drop-in modules live in ``torch_wsl.nn``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _extension
+
+_C = _extension.load()
+
+# Python-side registrations (fake kernels, autograd) only once the library
+# that defines the operators has loaded.
+from . import ops  # noqa: E402
+from . import nn  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["build_info", "nn", "ops", "set_cpu_isa", "__version__"]
+
+
+def build_info() -> dict[str, Any]:
+    """What this build of torch_wsl contains.
+
+    Keys: ``torch_version`` (the torch it was built against), ``cuda_version``
+    (CUDA runtime the kernels were compiled with, or None), ``cuda_archs``
+    (e.g. "7.5;8.0;8.6"), ``cuda_kernels`` (bool), ``cpu_simd`` (the SIMD
+    level the CPU kernels use now: "avx512", "avx2" or "default") and
+    ``cpu_simd_best`` (the best this CPU supports).
+    """
+    return dict(_C._build_info())
+
+
+def set_cpu_isa(name: str) -> str:
+    """Select the CPU kernels' SIMD level ("default", "avx2", "avx512"); returns the previous one.
+
+    The best level the CPU supports is chosen at start-up (or the one named by
+    the ``TORCH_WSL_CPU_ISA`` environment variable); asking for a level the CPU
+    lacks raises RuntimeError.
+    """
+    return _C.set_cpu_isa(name)

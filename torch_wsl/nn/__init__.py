@@ -1,0 +1,6 @@
+"""Drop-in modules and functional operators backed by torch_wsl's fused kernels."""
+
+from . import functional
+from .modules import LayerNorm, RMSNorm
+
+__all__ = ["LayerNorm", "RMSNorm", "functional"]

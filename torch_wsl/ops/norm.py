@@ -1,0 +1,234 @@
+"""LayerNorm / RMSNorm operators: wrappers, fake kernels and autograd.
+
+The operators (schemas in csrc/norm.cpp) return their saved statistics too;
+the wrappers here return what ``torch.nn.functional`` returns. ``mean`` and
+``rstd`` are float32 (float64 for float64 input) with shape
+``input.shape[:-len(normalized_shape)]``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["add_layer_norm", "add_rms_norm", "layer_norm", "rms_norm"]
+
+_ops = torch.ops.torch_wsl
+ShapeLike = Union[int, Sequence[int], torch.Size]
+
+
+def _as_shape(normalized_shape: ShapeLike) -> list[int]:
+    if isinstance(normalized_shape, int):
+        return [normalized_shape]
+    return list(normalized_shape)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: ShapeLike,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Same contract and result as ``torch.nn.functional.layer_norm``, one fused kernel each way."""
+    return _ops.layer_norm(input, _as_shape(normalized_shape), weight, bias, eps)[0]
+
+
+def add_layer_norm(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: ShapeLike,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """``residual_out = input + residual; output = layer_norm(residual_out)`` in one pass over memory.
+
+    Returns ``(output, residual_out)``: the pre-norm transformer pattern, where
+    ``residual_out`` carries the residual stream on. ``residual`` must have
+    input's shape and dtype. Gradients flow to input, residual, weight and bias.
+    """
+    out = _ops.add_layer_norm(input, residual, _as_shape(normalized_shape), weight, bias, eps)
+    return out[0], out[1]
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: ShapeLike,
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> Tensor:
+    """Same contract and result as ``torch.nn.functional.rms_norm`` (eps=None: the float32 machine epsilon)."""
+    return _ops.rms_norm(input, _as_shape(normalized_shape), weight, eps)[0]
+
+
+def add_rms_norm(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: ShapeLike,
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> tuple[Tensor, Tensor]:
+    """``residual_out = input + residual; output = rms_norm(residual_out)`` in one pass; returns both."""
+    out = _ops.add_rms_norm(input, residual, _as_shape(normalized_shape), weight, eps)
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------- fake kernels
+# Shapes and dtypes only, mirroring csrc/norm.cpp's allocation.
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _stat_shape(input: Tensor, normalized_shape: Sequence[int]) -> list[int]:
+    k = len(normalized_shape)
+    torch._check(k > 0, lambda: "torch_wsl norm: expected normalized_shape to name at least one dimension, got []")
+    torch._check(
+        input.dim() >= k and list(input.shape[input.dim() - k :]) == list(normalized_shape),
+        lambda: f"torch_wsl norm: expected normalized_shape {list(normalized_shape)} to match the trailing "
+        f"dimensions of input, got input of shape {list(input.shape)}",
+    )
+    return list(input.shape[: input.dim() - k])
+
+
+def _stats(input: Tensor, normalized_shape: Sequence[int]) -> Tensor:
+    return input.new_empty(_stat_shape(input, normalized_shape), dtype=_acc_dtype(input.dtype))
+
+
+def _param_grad(param: Optional[Tensor], wanted: bool, input: Tensor) -> Tensor:
+    if param is None or not wanted:
+        return input.new_empty((0,))
+    return param.new_empty(param.shape)
+
+
+@torch.library.register_fake("torch_wsl::layer_norm")
+def _layer_norm_fake(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    stats = _stats(input, normalized_shape)
+    return input.new_empty(input.shape), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("torch_wsl::add_layer_norm")
+def _add_layer_norm_fake(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+    stats = _stats(input, normalized_shape)
+    return input.new_empty(input.shape), input.new_empty(input.shape), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("torch_wsl::rms_norm")
+def _rms_norm_fake(input, normalized_shape, weight=None, eps=None):
+    return input.new_empty(input.shape), _stats(input, normalized_shape)
+
+
+@torch.library.register_fake("torch_wsl::add_rms_norm")
+def _add_rms_norm_fake(input, residual, normalized_shape, weight=None, eps=None):
+    return input.new_empty(input.shape), input.new_empty(input.shape), _stats(input, normalized_shape)
+
+
+@torch.library.register_fake("torch_wsl::layer_norm_backward")
+def _layer_norm_backward_fake(
+    grad_output, grad_residual_out, input, normalized_shape, mean, rstd, weight, bias, output_mask
+):
+    _stat_shape(input, normalized_shape)
+    return (
+        input.new_empty(input.shape),
+        _param_grad(weight, output_mask[0], input),
+        _param_grad(bias, output_mask[1], input),
+    )
+
+
+@torch.library.register_fake("torch_wsl::rms_norm_backward")
+def _rms_norm_backward_fake(grad_output, grad_residual_out, input, normalized_shape, rstd, weight, weight_grad):
+    _stat_shape(input, normalized_shape)
+    return input.new_empty(input.shape), _param_grad(weight, weight_grad, input)
+
+
+# -------------------------------------------------------------------- autograd
+# Backward passes are operators too, so they run as one kernel per device and
+# trace under torch.compile. mean/rstd outputs are not differentiable.
+
+
+def _grad_or_none(grad: Tensor, wanted: bool) -> Optional[Tensor]:
+    return grad if wanted and grad.numel() > 0 else None
+
+
+def _zero_size_param_grad(param: Optional[Tensor], wanted: bool) -> Optional[Tensor]:
+    # A zero-element parameter's gradient is an empty tensor of its own shape.
+    return torch.zeros_like(param) if (wanted and param is not None and param.numel() == 0) else None
+
+
+def _setup_layer_norm(ctx, inputs, output):
+    input, normalized_shape, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.normalized_shape = normalized_shape
+    ctx.save_for_backward(input, mean, rstd, weight, bias)
+
+
+def _setup_add_layer_norm(ctx, inputs, output):
+    _, _, normalized_shape, weight, bias, _ = inputs
+    _, residual_out, mean, rstd = output
+    ctx.normalized_shape = normalized_shape
+    ctx.save_for_backward(residual_out, mean, rstd, weight, bias)
+
+
+def _layer_norm_grads(ctx, grad_output, grad_residual_out, weight_index: int):
+    x, mean, rstd, weight, bias = ctx.saved_tensors
+    want_w = weight is not None and ctx.needs_input_grad[weight_index]
+    want_b = bias is not None and ctx.needs_input_grad[weight_index + 1]
+    gi, gw, gb = _ops.layer_norm_backward(
+        grad_output, grad_residual_out, x, ctx.normalized_shape, mean, rstd, weight, bias, [want_w, want_b]
+    )
+    gw = _grad_or_none(gw, want_w) if gw.numel() else _zero_size_param_grad(weight, want_w)
+    gb = _grad_or_none(gb, want_b) if gb.numel() else _zero_size_param_grad(bias, want_b)
+    return gi, gw, gb
+
+
+def _backward_layer_norm(ctx, grad_output, _grad_mean, _grad_rstd):
+    gi, gw, gb = _layer_norm_grads(ctx, grad_output, None, 2)
+    return gi, None, gw, gb, None
+
+
+def _backward_add_layer_norm(ctx, grad_output, grad_residual_out, _grad_mean, _grad_rstd):
+    gi, gw, gb = _layer_norm_grads(ctx, grad_output, grad_residual_out, 3)
+    return gi, gi, None, gw, gb, None
+
+
+def _setup_rms_norm(ctx, inputs, output):
+    input, normalized_shape, weight, _ = inputs
+    ctx.normalized_shape = normalized_shape
+    ctx.save_for_backward(input, output[1], weight)
+
+
+def _setup_add_rms_norm(ctx, inputs, output):
+    _, _, normalized_shape, weight, _ = inputs
+    _, residual_out, rstd = output
+    ctx.normalized_shape = normalized_shape
+    ctx.save_for_backward(residual_out, rstd, weight)
+
+
+def _rms_norm_grads(ctx, grad_output, grad_residual_out, weight_index: int):
+    x, rstd, weight = ctx.saved_tensors
+    want_w = weight is not None and ctx.needs_input_grad[weight_index]
+    gi, gw = _ops.rms_norm_backward(grad_output, grad_residual_out, x, ctx.normalized_shape, rstd, weight, want_w)
+    gw = _grad_or_none(gw, want_w) if gw.numel() else _zero_size_param_grad(weight, want_w)
+    return gi, gw
+
+
+def _backward_rms_norm(ctx, grad_output, _grad_rstd):
+    gi, gw = _rms_norm_grads(ctx, grad_output, None, 2)
+    return gi, None, gw, None
+
+
+def _backward_add_rms_norm(ctx, grad_output, grad_residual_out, _grad_rstd):
+    gi, gw = _rms_norm_grads(ctx, grad_output, grad_residual_out, 3)
+    return gi, gi, None, gw, None
+
+
+torch.library.register_autograd("torch_wsl::layer_norm", _backward_layer_norm, setup_context=_setup_layer_norm)
+torch.library.register_autograd(
+    "torch_wsl::add_layer_norm", _backward_add_layer_norm, setup_context=_setup_add_layer_norm
+)
+torch.library.register_autograd("torch_wsl::rms_norm", _backward_rms_norm, setup_context=_setup_rms_norm)
+torch.library.register_autograd("torch_wsl::add_rms_norm", _backward_add_rms_norm, setup_context=_setup_add_rms_norm)
