@@ -17,7 +17,26 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-import torch
+
+def _default_cuda_home() -> None:
+    # torch guesses CUDA_HOME from nvcc's location, which is wrong when nvcc is a
+    # symlink (e.g. /usr/local/bin/nvcc -> /usr/local/cuda/bin/nvcc); resolve it first.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    candidates = [Path(nvcc).resolve().parent.parent] if nvcc else []
+    candidates.append(Path("/usr/local/cuda"))
+    for home in candidates:
+        if (home / "include" / "cuda_runtime.h").exists():
+            os.environ["CUDA_HOME"] = str(home)
+            return
+
+
+_default_cuda_home()
+
+import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).parent.resolve()

@@ -5,5 +5,7 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define TWSL_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define TWSL_HOST_DEVICE inline
+// always_inline: the CPU kernels call these with SIMD vector types from
+// ISA-specific code, where an out-of-line call would lose the ISA.
+#define TWSL_HOST_DEVICE inline __attribute__((always_inline))
 #endif

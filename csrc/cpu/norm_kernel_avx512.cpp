@@ -1,4 +1,6 @@
 // LayerNorm/RMSNorm CPU kernels for the 'avx512' ISA (see cpu/isa.h, cpu/norm_kernel_impl.h).
+// GCC 12 warns inside its own AVX-512 intrinsics (_mm512_undefined_*): a known false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "cpu/isa_prelude.h"
 #include "cpu/norm_kernel.h"
 #include "norm_math.h"

@@ -1,182 +1,141 @@
 // LayerNorm / RMSNorm CPU kernels, compiled once per ISA: included by
 // norm_kernel_{default,avx2,avx512}.cpp inside their `#pragma GCC target`
 // region, with TWSL_CPU_ISA_NS and TWSL_CPU_ISA_LEVEL set. No includes here
-// (see isa_prelude.h). The arithmetic is norm_math.h's, shared with CUDA.
+// (see isa_prelude.h). The arithmetic is norm_math.h's, shared with CUDA; here
+// it runs on vectors of fp32 lanes (vec.h).
 //
-// Each row is converted once into an fp32 (fp64 for double) scratch row that
-// stays in L1/L2, so DRAM sees each input byte read once and each output byte
-// written once; the loops over the scratch row are vectorized by the compiler
-// (`omp simd`) for the ISA of the region. Rows are split across threads; the
-// weight/bias gradients are reduced in two stages (per-thread partial sums,
-// then a parallel sum over threads).
+// DRAM sees each input byte read once and each output byte written once: a
+// row is read (and converted to fp32) in one pass that also accumulates the
+// row's statistic; the remaining passes run on that row while it sits in
+// L1/L2. Rows are split across threads; weight/bias gradients are reduced in
+// two stages (per-thread partial sums, then a parallel sum over threads).
 
 namespace torch_wsl::cpu::TWSL_CPU_ISA_NS {
 namespace {
 
-#include "cpu/vec_convert.h"
+#include "cpu/vec.h"
 
 namespace nm = torch_wsl::norm_math;
-
-template <typename acc_t>
-acc_t row_sum(const acc_t* v, int64_t n) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += v[i];
-  return s;
-}
-
-template <typename acc_t>
-acc_t row_dot(const acc_t* a, const acc_t* b, int64_t n) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-template <typename acc_t>
-acc_t row_sum_sq_dev(const acc_t* v, acc_t mean, int64_t n) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t d = v[i] - mean;
-    s += d * d;
-  }
-  return s;
-}
-
-// dst[i] = affine(normalize(v[i])), with the affine parameters that exist.
-template <typename acc_t>
-void normalize_row(const acc_t* v, acc_t* dst, int64_t n, acc_t mean, acc_t rstd, const acc_t* w, const acc_t* b) {
-  if (w != nullptr && b != nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = nm::affine(nm::normalize(v[i], mean, rstd), w[i], b[i]);
-  } else if (w != nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = nm::affine(nm::normalize(v[i], mean, rstd), w[i], acc_t(0));
-  } else if (b != nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = nm::affine(nm::normalize(v[i], mean, rstd), acc_t(1), b[i]);
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = nm::normalize(v[i], mean, rstd);
-  }
-}
 
 template <typename scalar_t, typename acc_t>
 void forward_rows(const NormForwardArgs& a, int64_t begin, int64_t end) {
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t n = a.cols;
-  const auto* x = static_cast<const scalar_t*>(a.input);
-  const auto* res = static_cast<const scalar_t*>(a.residual);
   const auto* w = static_cast<const acc_t*>(a.weight);
   const auto* b = static_cast<const acc_t*>(a.bias);
-  auto* y = static_cast<scalar_t*>(a.output);
-  auto* res_out = static_cast<scalar_t*>(a.residual_out);
   auto* mean_out = static_cast<acc_t*>(a.mean);
   auto* rstd_out = static_cast<acc_t*>(a.rstd);
   const auto eps = static_cast<acc_t>(a.eps);
+  const bool center = a.center;
 
-  std::vector<acc_t> scratch(2 * static_cast<size_t>(n));
-  acc_t* const buf = scratch.data();
-  acc_t* const tmp = buf + n;
+  // fp32/fp64 rows are read in place; other dtypes are converted into `buf` once.
+  std::vector<acc_t> scratch(kSameType ? 0 : static_cast<size_t>(n));
   for (int64_t r = begin; r < end; ++r) {
     const int64_t off = r * n;
-    const acc_t* row = buf;  // the row to normalize, in the accumulation type
+    const scalar_t* x = static_cast<const scalar_t*>(a.input) + off;
+    const scalar_t* res = a.residual ? static_cast<const scalar_t*>(a.residual) + off : nullptr;
+    scalar_t* res_out = a.residual_out ? static_cast<scalar_t*>(a.residual_out) + off : nullptr;
+    scalar_t* y = static_cast<scalar_t*>(a.output) + off;
+    const acc_t* row = nullptr;  // the row to normalize, in the accumulation type
     if constexpr (kSameType) {
-      if (res != nullptr) {
-        // Sum straight into residual_out; that row is the one normalized.
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) res_out[off + i] = x[off + i] + res[off + i];
-        row = res_out + off;
-      } else {
-        row = x + off;
-      }
+      row = res != nullptr ? res_out : x;
     } else {
-      to_acc(x + off, buf, n);
-      if (res != nullptr) {
-        to_acc(res + off, tmp, n);
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) buf[i] += tmp[i];
-        from_acc(buf, res_out + off, n);
-        to_acc(res_out + off, buf, n);  // normalize the rounded sum that was stored, as eager does
-      }
+      row = scratch.data();
     }
+    acc_t* buf = scratch.data();
 
-    const acc_t mean = (a.center && n > 0) ? row_sum(row, n) / static_cast<acc_t>(n) : acc_t(0);
-    const acc_t rstd = nm::row_rstd(row_sum_sq_dev(row, mean, n), n, eps);
+    // Pass 1 (DRAM): form the row (x, or x + residual stored to residual_out
+    // and re-read rounded, as eager normalizes the stored sum) and sum it
+    // (LayerNorm) or its squares (RMSNorm).
+    const acc_t first = sum_lanes<acc_t>(n, [&](auto tag, int64_t i) {
+      using V = decltype(tag);
+      V v = V::load(x + i);
+      if (res != nullptr) {
+        v = v + V::load(res + i);
+        v.store(res_out + i);
+        if constexpr (!kSameType) v = V::load(res_out + i);
+      }
+      if constexpr (!kSameType) v.store(buf + i);
+      return center ? v : v * v;
+    });
+    acc_t mean = 0;
+    acc_t sum_sq = first;
+    if (center) {  // Pass 2 (cache): squared deviations from the mean.
+      mean = n > 0 ? first / static_cast<acc_t>(n) : acc_t(0);
+      sum_sq = sum_lanes<acc_t>(n, [&](auto tag, int64_t i) {
+        using V = decltype(tag);
+        const V d = V::load(row + i) - V::broadcast(mean);
+        return d * d;
+      });
+    }
+    const acc_t rstd = nm::row_rstd(sum_sq, n, eps);
     if (mean_out != nullptr) mean_out[r] = mean;
     rstd_out[r] = rstd;
 
-    if constexpr (kSameType) {
-      normalize_row(row, y + off, n, mean, rstd, w, b);
-    } else {
-      normalize_row(buf, buf, n, mean, rstd, w, b);
-      from_acc(buf, y + off, n);
-    }
+    // Pass 3 (cache in, DRAM out): y = affine(normalize(row)).
+    for_each_lane<acc_t>(n, [&](auto tag, int64_t i) {
+      using V = decltype(tag);
+      const V xhat = nm::normalize(V::load(row + i), V::broadcast(mean), V::broadcast(rstd));
+      const V wv = w != nullptr ? V::load(w + i) : V::broadcast(acc_t(1));
+      const V bv = b != nullptr ? V::load(b + i) : V::zero();
+      nm::affine(xhat, wv, bv).store(y + i);
+    });
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void backward_rows(const NormBackwardArgs& a, int64_t begin, int64_t end, acc_t* dw, acc_t* db) {
-  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t n = a.cols;
-  const auto* dy = static_cast<const scalar_t*>(a.grad_output);
-  const auto* dres = static_cast<const scalar_t*>(a.grad_residual_out);
-  const auto* x = static_cast<const scalar_t*>(a.input);
   const auto* mean_in = static_cast<const acc_t*>(a.mean);
   const auto* rstd_in = static_cast<const acc_t*>(a.rstd);
   const auto* w = static_cast<const acc_t*>(a.weight);
-  auto* dx = static_cast<scalar_t*>(a.grad_input);
-
-  std::vector<acc_t> scratch(3 * static_cast<size_t>(n));
-  acc_t* xhat = scratch.data();
-  acc_t* gw = xhat + n;
-  acc_t* tmp = gw + n;
+  const bool center = a.center;
   const auto inv_n = n > 0 ? acc_t(1) / static_cast<acc_t>(n) : acc_t(0);
+
+  std::vector<acc_t> scratch(2 * static_cast<size_t>(n));
+  acc_t* xhat_buf = scratch.data();
+  acc_t* gw_buf = xhat_buf + n;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t off = r * n;
-    const acc_t mean = a.center ? mean_in[r] : acc_t(0);
+    const scalar_t* x = static_cast<const scalar_t*>(a.input) + off;
+    const scalar_t* dy = static_cast<const scalar_t*>(a.grad_output) + off;
+    const scalar_t* dres = a.grad_residual_out ? static_cast<const scalar_t*>(a.grad_residual_out) + off : nullptr;
+    scalar_t* dx = static_cast<scalar_t*>(a.grad_input) + off;
+    const acc_t mean = center ? mean_in[r] : acc_t(0);
     const acc_t rstd = rstd_in[r];
-    to_acc(x + off, xhat, n);
-    to_acc(dy + off, gw, n);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) xhat[i] = nm::normalize(xhat[i], mean, rstd);
-    if (dw != nullptr) {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) dw[i] += gw[i] * xhat[i];
-    }
-    if (db != nullptr) {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) db[i] += gw[i];
-    }
-    if (w != nullptr) {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) gw[i] *= w[i];
-    }
-    const acc_t mean_gw = a.center ? row_sum(gw, n) * inv_n : acc_t(0);
-    const acc_t mean_gw_xhat = row_dot(gw, xhat, n) * inv_n;
 
-    acc_t* out = nullptr;
-    if constexpr (kSameType) {
-      out = dx + off;
-    } else {
-      out = tmp;
+    // Pass 1 (DRAM): xhat and dy*w into the scratch rows, partial dw/db, and
+    // the two row sums the input gradient needs.
+    acc_t sum_gw = 0;
+    const acc_t sum_gw_xhat = sum_lanes<acc_t>(n, [&](auto tag, int64_t i) {
+      using V = decltype(tag);
+      const V xhat = nm::normalize(V::load(x + i), V::broadcast(mean), V::broadcast(rstd));
+      const V g = V::load(dy + i);
+      if (dw != nullptr) (V::load(dw + i) + g * xhat).store(dw + i);
+      if (db != nullptr) (V::load(db + i) + g).store(db + i);
+      const V gw = w != nullptr ? g * V::load(w + i) : g;
+      xhat.store(xhat_buf + i);
+      gw.store(gw_buf + i);
+      return gw * xhat;
+    });
+    if (center) {
+      sum_gw = sum_lanes<acc_t>(n, [&](auto tag, int64_t i) {
+        using V = decltype(tag);
+        return V::load(gw_buf + i);
+      });
     }
-    if (dres != nullptr) {
-      const acc_t* pass = nullptr;
-      if constexpr (kSameType) {
-        pass = dres + off;
-      } else {
-        to_acc(dres + off, tmp, n);
-        pass = tmp;
-      }
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) out[i] = nm::grad_input(gw[i], xhat[i], rstd, mean_gw, mean_gw_xhat) + pass[i];
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) out[i] = nm::grad_input(gw[i], xhat[i], rstd, mean_gw, mean_gw_xhat);
-    }
-    if constexpr (!kSameType) from_acc(out, dx + off, n);
+    const acc_t mean_gw = sum_gw * inv_n;
+    const acc_t mean_gw_xhat = sum_gw_xhat * inv_n;
+
+    // Pass 2 (cache in, DRAM out): the input gradient, plus the gradient that
+    // flowed past the norm through residual_out.
+    for_each_lane<acc_t>(n, [&](auto tag, int64_t i) {
+      using V = decltype(tag);
+      V g = nm::grad_input(V::load(gw_buf + i), V::load(xhat_buf + i), V::broadcast(rstd), V::broadcast(mean_gw),
+                           V::broadcast(mean_gw_xhat));
+      if (dres != nullptr) g = g + V::load(dres + i);
+      g.store(dx + i);
+    });
   }
 }
 

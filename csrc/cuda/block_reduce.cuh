@@ -3,7 +3,7 @@
 
 #include <cuda_runtime.h>
 
-namespace torch_wsl::cuda {
+namespace torch_wsl::gpu {
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -33,4 +33,4 @@ __device__ __forceinline__ void block_sum2(T& a, T& b, T* shared) {
   b = warp_sum(b);
 }
 
-}  // namespace torch_wsl::cuda
+}  // namespace torch_wsl::gpu

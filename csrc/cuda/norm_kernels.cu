@@ -7,7 +7,7 @@
 // row pointer is aligned and the row length is a multiple of the vector width;
 // otherwise element by element. Weight/bias gradients use a two-stage
 // reduction: per-tile partial sums over row groups, then a sum over groups.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -30,6 +30,7 @@ int cuda_runtime_version_built() { return CUDART_VERSION; }
 namespace {
 
 namespace nm = torch_wsl::norm_math;
+using gpu::block_sum2;
 
 template <typename T>
 struct AccType {
@@ -271,7 +272,7 @@ struct CudaNormBackend {
     TORCH_CHECK(p.rows <= std::numeric_limits<int32_t>::max(), "torch_wsl: norm CUDA kernels take at most 2^31-1 rows, got ",
                 p.rows);
     const c10::cuda::OptionalCUDAGuard guard(p.input.device());
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const at::ScalarType acc = norm_acc_type(p.input.scalar_type());
     unify_params(p.weight, p.bias, acc);
     const Tensor& some_param = p.weight.defined() ? p.weight : p.bias;
@@ -311,7 +312,7 @@ struct CudaNormBackend {
 
   static void backward(NormBackward& p) {
     const c10::cuda::OptionalCUDAGuard guard(p.input.device());
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const bool want_params = p.grad_weight.defined() || p.grad_bias.defined();
     if (p.rows == 0 || p.cols == 0) {
       if (p.grad_weight.defined()) p.grad_weight.zero_();

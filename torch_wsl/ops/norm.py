@@ -95,8 +95,28 @@ def _stat_shape(input: Tensor, normalized_shape: Sequence[int]) -> list[int]:
     return list(input.shape[: input.dim() - k])
 
 
-def _stats(input: Tensor, normalized_shape: Sequence[int]) -> Tensor:
-    return input.new_empty(_stat_shape(input, normalized_shape), dtype=_acc_dtype(input.dtype))
+def _check_like(name: str, t: Optional[Tensor], input: Tensor, same_shape: bool) -> None:
+    # The checks that matter when tracing: where tensors live and how they line up.
+    if t is None:
+        return
+    torch._check(
+        t.device == input.device,
+        lambda: f"torch_wsl norm: expected {name} to be on the same device as input ({input.device}), got {t.device}",
+    )
+    if same_shape:
+        torch._check(
+            t.shape == input.shape,
+            lambda: f"torch_wsl norm: expected {name} to have the shape of input {list(input.shape)}, "
+            f"got {list(t.shape)}",
+        )
+
+
+def _stats(input: Tensor, normalized_shape: Sequence[int], residual=None, weight=None, bias=None) -> Tensor:
+    shape = _stat_shape(input, normalized_shape)
+    _check_like("residual", residual, input, same_shape=True)
+    _check_like("weight", weight, input, same_shape=False)
+    _check_like("bias", bias, input, same_shape=False)
+    return input.new_empty(shape, dtype=_acc_dtype(input.dtype))
 
 
 def _param_grad(param: Optional[Tensor], wanted: bool, input: Tensor) -> Tensor:
@@ -107,24 +127,25 @@ def _param_grad(param: Optional[Tensor], wanted: bool, input: Tensor) -> Tensor:
 
 @torch.library.register_fake("torch_wsl::layer_norm")
 def _layer_norm_fake(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    stats = _stats(input, normalized_shape)
+    stats = _stats(input, normalized_shape, None, weight, bias)
     return input.new_empty(input.shape), stats, torch.empty_like(stats)
 
 
 @torch.library.register_fake("torch_wsl::add_layer_norm")
 def _add_layer_norm_fake(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
-    stats = _stats(input, normalized_shape)
+    stats = _stats(input, normalized_shape, residual, weight, bias)
     return input.new_empty(input.shape), input.new_empty(input.shape), stats, torch.empty_like(stats)
 
 
 @torch.library.register_fake("torch_wsl::rms_norm")
 def _rms_norm_fake(input, normalized_shape, weight=None, eps=None):
-    return input.new_empty(input.shape), _stats(input, normalized_shape)
+    return input.new_empty(input.shape), _stats(input, normalized_shape, None, weight)
 
 
 @torch.library.register_fake("torch_wsl::add_rms_norm")
 def _add_rms_norm_fake(input, residual, normalized_shape, weight=None, eps=None):
-    return input.new_empty(input.shape), input.new_empty(input.shape), _stats(input, normalized_shape)
+    stats = _stats(input, normalized_shape, residual, weight)
+    return input.new_empty(input.shape), input.new_empty(input.shape), stats
 
 
 @torch.library.register_fake("torch_wsl::layer_norm_backward")

@@ -1,0 +1,121 @@
+"""python -m benchmarks [--suite norm] [--sizes 4096x4096,1024x4096] [--dtypes fp32,bf16] [--device cpu]
+
+Runs torch_wsl against eager PyTorch and torch.compile, prints a table and
+writes JSON (benchmarks/results/latest.json unless --out is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Keep freed memory in glibc's heap instead of returning every large block to
+# the kernel: otherwise each call's outputs are fresh mmap()s whose page faults
+# cost more than the kernels being measured (about 10 GB/s for a 64 MiB add
+# here), for every contender alike. This is what a caching allocator gives a
+# training loop in its steady state. `--allocator system` measures without it.
+_WARM_HEAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_TOP_PAD_": str(1 << 26)}
+if __name__ == "__main__" and "--allocator=system" not in sys.argv and "TORCH_WSL_BENCH_REEXEC" not in os.environ:
+    if not ("--allocator" in sys.argv and sys.argv[sys.argv.index("--allocator") + 1 :][:1] == ["system"]):
+        os.environ.update(_WARM_HEAP, TORCH_WSL_BENCH_REEXEC="1")
+        os.execv(sys.executable, [sys.executable, "-m", "benchmarks", *sys.argv[1:]])
+
+import torch  # noqa: E402
+
+from . import harness  # noqa: E402
+from .suites import SUITES  # noqa: E402
+
+
+def _csv(value: str) -> list[str]:
+    return [v for v in value.split(",") if v]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", type=_csv, default=list(SUITES), help=f"comma-separated; known: {', '.join(SUITES)}")
+    p.add_argument("--ops", type=_csv, default=None, help="restrict to these operators")
+    p.add_argument("--sizes", type=_csv, default=None, help="ROWSxCOLS,... (suite default if omitted)")
+    p.add_argument("--dtypes", type=_csv, default=None, help="fp32,bf16,fp16 (suite default if omitted)")
+    p.add_argument("--modes", type=_csv, default=None, help="fwd,fwd+bwd (suite default if omitted)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile contender")
+    p.add_argument("--reps", type=int, default=15, help="timed calls per contender (at least)")
+    p.add_argument("--min-seconds", type=float, default=0.3, help="minimum timed seconds per contender")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="small sizes and few reps: a smoke run")
+    p.add_argument(
+        "--allocator",
+        choices=["warm-heap", "system"],
+        default="warm-heap",
+        help="warm-heap (default): glibc keeps freed memory (no page faults per call); system: glibc defaults",
+    )
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latest.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes = args.sizes or ["256x1024"]
+        args.reps, args.min_seconds, args.warmup = 3, 0.0, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device is visible; run with --device cpu", file=sys.stderr)
+        return 2
+    try:
+        from rich.console import Console
+        from rich.progress import Progress
+        from rich.table import Table
+    except ImportError:  # plain output without rich
+        Console = None  # type: ignore[assignment]
+
+    roofline = harness.measure_triad(args.device)
+    roofline["allocator"] = args.allocator
+    print(
+        f"roofline ({roofline['kernel']}, {roofline['threads']} threads): "
+        f"{roofline['best_gbps']:.1f} GB/s best, {roofline['median_gbps']:.1f} GB/s median"
+    )
+    all_cases = []
+    for name in args.suite:
+        suite = SUITES[name]
+        for key, value in suite.DEFAULTS.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+        all_cases.extend(suite.cases(args))
+
+    results: list[harness.Result] = []
+
+    def run(case):
+        return harness.run_case(case, roofline["best_gbps"], args.warmup, args.reps, args.min_seconds)
+
+    if Console is not None:
+        with Progress(transient=True) as progress:
+            task = progress.add_task("benchmarking", total=len(all_cases))
+            for case in all_cases:
+                progress.update(task, description=f"{case.op} {case.mode} {case.dtype} {case.shape}")
+                results.extend(run(case))
+                progress.advance(task)
+        table = Table(title=f"torch_wsl benchmarks on {args.device} (roofline {roofline['best_gbps']:.1f} GB/s)")
+        for h in harness.TABLE_HEADER:
+            table.add_column(h, justify="right" if h not in ("op", "mode", "contender") else "left")
+        for row in harness.format_table(results):
+            table.add_row(*row)
+        Console(width=200).print(table)
+    else:
+        for i, case in enumerate(all_cases):
+            print(f"[{i + 1}/{len(all_cases)}] {case.op} {case.mode} {case.dtype} {case.shape}", flush=True)
+            results.extend(run(case))
+        print(" | ".join(harness.TABLE_HEADER))
+        for row in harness.format_table(results):
+            print(" | ".join(row))
+
+    harness.write_json(args.out, harness.machine_info(args.device), roofline, results, ["python", "-m", "benchmarks", *argv])
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

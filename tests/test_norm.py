@@ -1,0 +1,388 @@
+"""LayerNorm / RMSNorm family against a float64 plain-PyTorch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_wsl
+import torch_wsl.nn.functional as TF
+from conftest import DEVICES, TRAIN_DTYPES, tol
+
+KINDS = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
+
+# (batch shape, normalized_shape, affine): hidden sizes 1, 7, 769, 5125, 8192;
+# one to three normalized dims; with and without weight and bias.
+CASES = [
+    ((5,), (1,), "wb"),
+    ((3, 4), (7,), "wb"),
+    ((13,), (769,), "w"),
+    ((2,), (5125,), "wb"),
+    ((3,), (8192,), "wb"),
+    ((4,), (6, 7), "wb"),
+    ((2, 3), (3, 5, 7), "b"),
+    ((), (33,), "none"),
+    ((0, 3), (16,), "wb"),
+    ((4,), (0,), "wb"),
+]
+
+
+def _case_id(case):
+    batch, shape, affine = case
+    return f"b{'x'.join(map(str, batch)) or 'scalar'}-n{'x'.join(map(str, shape))}-{affine}"
+
+
+def make_input(shape, dtype, device, noncontiguous=False, scale=1.0, offset=0.0):
+    if noncontiguous and len(shape) > 0:
+        # Every other element of a wider tensor: strides that are not row-major.
+        wide = torch.randn(*shape[:-1], shape[-1] * 2, dtype=torch.float64) * scale + offset
+        return wide[..., ::2].to(device=device, dtype=dtype)
+    return (torch.randn(*shape, dtype=torch.float64) * scale + offset).to(device=device, dtype=dtype)
+
+
+def make_params(kind, shape, affine, dtype, device):
+    has_bias = "layer" in kind and "b" in affine
+    w = make_input(shape, dtype, device, offset=1.0, scale=0.5) if "w" in affine else None
+    b = make_input(shape, dtype, device, scale=0.5) if has_bias else None
+    return w, b
+
+
+def run_kind(kind, x, r, shape, w, b, eps=1e-5):
+    """torch_wsl's result as (output, residual_out or None)."""
+    if kind == "layer_norm":
+        return TF.layer_norm(x, shape, w, b, eps), None
+    if kind == "rms_norm":
+        return TF.rms_norm(x, shape, w, eps), None
+    if kind == "add_layer_norm":
+        return TF.add_layer_norm(x, r, shape, w, b, eps)
+    return TF.add_rms_norm(x, r, shape, w, eps)
+
+
+def reference(kind, x, r, shape, w, b, eps=1e-5, round_sum=True):
+    """float64 reference; the fused add's sum is rounded to the input dtype first, as the kernels do."""
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    s = d(x)
+    if r is not None:
+        s = x.double() + r.double()
+        if round_sum:
+            s = s.to(x.dtype).double()
+    if "layer" in kind:
+        out = F.layer_norm(s, shape, d(w), d(b), eps)
+    else:
+        out = F.rms_norm(s, shape, d(w), eps)
+    return out, (s if r is not None else None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", TRAIN_DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_forward_matches_reference(device, dtype, kind, case):
+    batch, shape, affine = case
+    full = batch + shape
+    x = make_input(full, dtype, device, offset=0.3)
+    r = make_input(full, dtype, device) if kind.startswith("add") else None
+    w, b = make_params(kind, shape, affine, dtype, device)
+    out, res_out = run_kind(kind, x, r, shape, w, b)
+    ref_out, ref_sum = reference(kind, x, r, shape, w, b)
+    assert out.dtype == dtype and out.shape == x.shape and out.device == x.device
+    torch.testing.assert_close(out.double(), ref_out, **tol(dtype))
+    if r is not None:
+        assert res_out.dtype == dtype
+        torch.testing.assert_close(res_out.double(), ref_sum, atol=0, rtol=0)
+
+
+def _grads(kind, x, r, shape, w, b, fn, go, gres):
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    out, res_out = fn(kind, x, r, shape, w, b)
+    loss = (out.double() * go).sum()
+    if res_out is not None:
+        loss = loss + (res_out.double() * gres).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", TRAIN_DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_backward_matches_reference(device, dtype, kind, case):
+    batch, shape, affine = case
+    full = batch + shape
+    x = make_input(full, dtype, device, offset=0.3).requires_grad_()
+    r = make_input(full, dtype, device).requires_grad_() if kind.startswith("add") else None
+    w, b = make_params(kind, shape, affine, dtype, device)
+    w = w.requires_grad_() if w is not None else None
+    b = b.requires_grad_() if b is not None else None
+    go = make_input(full, torch.float64, device)
+    gres = make_input(full, torch.float64, device)
+    got = _grads(kind, x, r, shape, w, b, run_kind, go, gres)
+
+    leaves64 = [None if t is None else t.detach().double().requires_grad_() for t in (x, r, w, b)]
+    ref_fn = lambda k, x_, r_, s_, w_, b_: reference(k, x_, r_, s_, w_, b_, round_sum=False)  # noqa: E731
+    want = _grads(kind, *leaves64[:2], shape, *leaves64[2:], ref_fn, go, gres)
+    # Gradients of weight/bias sum over rows: allow for that many roundings.
+    for g, ref in zip(got, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), ref, **tol(dtype, scale=4.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", TRAIN_DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_noncontiguous_inputs(device, dtype, kind):
+    shape = (257,)
+    x = make_input((2, 9) + shape, dtype, device, noncontiguous=True).transpose(0, 1)
+    r = make_input((2, 9) + shape, dtype, device, noncontiguous=True).transpose(0, 1) if "add" in kind else None
+    assert not x.is_contiguous()
+    w, b = make_params(kind, shape, "wb", dtype, device)
+    w = w[::1]
+    out, res_out = run_kind(kind, x, r, shape, w, b)
+    ref_out, ref_sum = reference(kind, x, r, shape, w, b)
+    torch.testing.assert_close(out.double(), ref_out, **tol(dtype))
+    if r is not None:
+        torch.testing.assert_close(res_out.double(), ref_sum, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_cpu_isa(cpu_isa, dtype, kind):
+    """Each SIMD build of the CPU kernels, on lengths that leave vector tails (16k + 9)."""
+    shape = (16 * 12 + 9,)
+    x = make_input((11,) + shape, dtype, "cpu", offset=0.3).requires_grad_()
+    r = make_input((11,) + shape, dtype, "cpu").requires_grad_() if "add" in kind else None
+    w, b = make_params(kind, shape, "wb", dtype, "cpu")
+    w.requires_grad_()
+    if b is not None:
+        b.requires_grad_()
+    out, res_out = run_kind(kind, x, r, shape, w, b)
+    ref_out, _ = reference(kind, x.detach(), None if r is None else r.detach(), shape, w.detach(),
+                           None if b is None else b.detach())
+    torch.testing.assert_close(out.double(), ref_out, **tol(dtype))
+    go = make_input(x.shape, torch.float64, "cpu")
+    got = _grads(kind, x, r, shape, w, b, run_kind, go, go)
+    leaves64 = [None if t is None else t.detach().double().requires_grad_() for t in (x, r, w, b)]
+    ref_fn = lambda k, x_, r_, s_, w_, b_: reference(k, x_, r_, s_, w_, b_, round_sum=False)  # noqa: E731
+    want = _grads(kind, *leaves64[:2], shape, *leaves64[2:], ref_fn, go, go)
+    for g, ref in zip(got, want):
+        torch.testing.assert_close(g.double(), ref, **tol(dtype, scale=4.0))
+
+
+def test_isa_paths_agree_bitwise_on_conversions():
+    """bf16/fp16 rounding in the vector bodies equals c10's scalar rounding, NaN and Inf included."""
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 65504.0, 1e-8, 3.0e38])
+    outs = {}
+    best = torch_wsl.build_info()["cpu_simd_best"]
+    isas = ["default", "avx2", "avx512"][: ["default", "avx2", "avx512"].index(best) + 1]
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.cat([torch.randn(64, 61) * 100, special.repeat(64, 1)], dim=1).to(dtype)
+        r = torch.randn(64, 69).to(dtype)
+        for isa in isas:
+            prev = torch_wsl.set_cpu_isa(isa)
+            try:
+                outs[(dtype, isa)] = TF.add_rms_norm(x, r, (69,))[1]
+            finally:
+                torch_wsl.set_cpu_isa(prev)
+        for isa in isas:
+            torch.testing.assert_close(outs[(dtype, isa)], x + r, atol=0, rtol=0, equal_nan=True)
+            assert torch.equal(outs[(dtype, isa)].view(torch.int16), outs[(dtype, "default")].view(torch.int16))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.float16])
+def test_mixed_dtype_params(device, w_dtype):
+    """bf16 activations with float32 (or other) parameters, as torch accepts them; output keeps input's dtype."""
+    x = make_input((6, 96), torch.bfloat16, device, offset=0.3).requires_grad_()
+    w = make_input((96,), w_dtype, device, offset=1.0).requires_grad_()
+    b = make_input((96,), w_dtype, device).requires_grad_()
+    out = TF.layer_norm(x, (96,), w, b)
+    assert out.dtype == torch.bfloat16
+    ref = F.layer_norm(x.double(), (96,), w.double(), b.double())
+    torch.testing.assert_close(out.double(), ref, **tol(torch.bfloat16))
+    out.float().sum().backward()
+    assert w.grad.dtype == w_dtype and b.grad.dtype == w_dtype and x.grad.dtype == torch.bfloat16
+    out2 = TF.rms_norm(x, (96,), w)
+    assert out2.dtype == torch.bfloat16
+    torch.testing.assert_close(out2.double(), F.rms_norm(x.double(), (96,), w.double()), **tol(torch.bfloat16))
+
+
+def test_rms_norm_default_eps_matches_torch():
+    x = torch.full((2, 8), 1e-4)
+    torch.testing.assert_close(TF.rms_norm(x, (8,)), F.rms_norm(x, (8,)))
+    xb = x.bfloat16()
+    torch.testing.assert_close(TF.rms_norm(xb, (8,)), F.rms_norm(xb, (8,)), atol=0, rtol=0)
+
+
+def test_fused_add_gradients_are_independent_tensors():
+    """input.grad and residual.grad are equal in value but must not alias."""
+    x = torch.randn(4, 32, requires_grad=True)
+    r = torch.randn(4, 32, requires_grad=True)
+    out, res_out = TF.add_rms_norm(x, r, (32,))
+    (out.sum() + res_out.sum()).backward()
+    torch.testing.assert_close(x.grad, r.grad)
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    before = r.grad.clone()
+    x.grad.add_(1.0)
+    torch.testing.assert_close(r.grad, before)
+
+
+def test_only_needed_gradients_are_computed():
+    x = torch.randn(4, 32, requires_grad=True)
+    w = torch.randn(32)  # frozen
+    b = torch.randn(32, requires_grad=True)
+    TF.layer_norm(x, (32,), w, b).sum().backward()
+    assert w.grad is None and b.grad is not None and x.grad is not None
+    torch.testing.assert_close(b.grad, torch.full((32,), 4.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device):
+    if device == "cuda":
+        pytest.importorskip("torch").cuda.synchronize()
+    opts = dict(dtype=torch.float64, device=device)
+    x = torch.randn(3, 2, 5, **opts, requires_grad=True)
+    r = torch.randn(3, 2, 5, **opts, requires_grad=True)
+    w = torch.randn(2, 5, **opts, requires_grad=True)
+    b = torch.randn(2, 5, **opts, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: TF.layer_norm(x, (2, 5), w, b), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: TF.rms_norm(x, (2, 5), w), (x, w))
+    assert torch.autograd.gradcheck(lambda x, r, w, b: TF.add_layer_norm(x, r, (2, 5), w, b), (x, r, w, b))
+    assert torch.autograd.gradcheck(lambda x, r, w: TF.add_rms_norm(x, r, (2, 5), w), (x, r, w))
+    assert torch.autograd.gradcheck(lambda x: TF.layer_norm(x, (5,)), (x,))
+    # Second-order gradients are not implemented: say so rather than return wrong numbers.
+
+
+def _opcheck_samples(device):
+    opts = dict(device=device)
+    x = torch.randn(4, 3, 16, **opts)
+    r = torch.randn(4, 3, 16, **opts)
+    w = torch.randn(16, **opts)
+    b = torch.randn(16, **opts)
+    xg = x.clone().requires_grad_()
+    rg = r.clone().requires_grad_()
+    wg = w.clone().requires_grad_()
+    bg = b.clone().requires_grad_()
+    ops = torch.ops.torch_wsl
+    mean = x.mean(-1)
+    rstd = torch.rand(4, 3, **opts) + 0.5
+    return [
+        (ops.layer_norm.default, (xg, [16], wg, bg, 1e-5)),
+        (ops.layer_norm.default, (x.bfloat16(), [3, 16], None, None, 1e-5)),
+        (ops.add_layer_norm.default, (xg, rg, [16], wg, bg, 1e-5)),
+        (ops.rms_norm.default, (xg, [16], wg, None)),
+        (ops.rms_norm.default, (x.half(), [16], None, 1e-6)),
+        (ops.add_rms_norm.default, (xg, rg, [16], wg, 1e-6)),
+        (ops.layer_norm_backward.default, (x, r, x, [16], mean, rstd, w, b, [True, True])),
+        (ops.layer_norm_backward.default, (x, None, x, [16], mean, rstd, None, None, [False, False])),
+        (ops.rms_norm_backward.default, (x, r, x, [16], rstd, w, True)),
+        (ops.rms_norm_backward.default, (x, None, x, [16], rstd, w, False)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for op, args in _opcheck_samples(device):
+        torch.library.opcheck(op, args)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _bad_inputs():
+    x = torch.randn(4, 8)
+    w = torch.randn(8)
+    return [
+        (lambda: TF.layer_norm(x, (8,), torch.randn(7)), r"weight.*shape.*\[8\].*\[7\]"),
+        (lambda: TF.layer_norm(x, (8,), w, torch.randn(2, 4)), r"bias.*shape"),
+        (lambda: TF.rms_norm(x.long(), (8,)), r"input.*floating dtype.*Long"),
+        (lambda: TF.layer_norm(x, (8,), w.int()), r"weight.*floating dtype.*Int"),
+        (lambda: TF.layer_norm(x, (4,)), r"normalized_shape \[4\].*trailing dimensions.*\[4, 8\]"),
+        (lambda: TF.rms_norm(x, (2, 4, 8)), r"normalized_shape.*trailing dimensions"),
+        (lambda: TF.layer_norm(x, ()), r"normalized_shape.*at least one dimension"),
+        (lambda: TF.add_rms_norm(x, torch.randn(4, 7), (8,)), r"residual.*shape of input"),
+        (lambda: TF.add_layer_norm(x, torch.randn(4, 8).half(), (8,)), r"residual.*dtype of input"),
+        (lambda: TF.layer_norm(x, (8,), eps=-1.0), r"eps >= 0"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_inputs())))
+def test_bad_input_names_the_argument(index):
+    call, pattern = _bad_inputs()[index]
+    with pytest.raises(RuntimeError, match=pattern):
+        call()
+
+
+def test_error_leaves_inputs_untouched():
+    x = torch.randn(4, 8)
+    r = torch.randn(4, 8)
+    x0, r0 = x.clone(), r.clone()
+    with pytest.raises(RuntimeError):
+        TF.add_layer_norm(x, r, (8,), torch.randn(9))
+    assert torch.equal(x, x0) and torch.equal(r, r0)
+
+
+def test_parameters_on_another_device_are_rejected():
+    x = torch.randn(4, 8)
+    if torch.cuda.is_available() and torch_wsl.build_info()["cuda_kernels"]:
+        with pytest.raises(RuntimeError, match=r"weight.*same device as input"):
+            TF.layer_norm(x.cuda(), (8,), torch.randn(8))
+    # The fake (meta) kernels check devices too, so a traced program fails the same way.
+    with pytest.raises(RuntimeError, match=r"weight.*same device as input"):
+        TF.layer_norm(x.to("meta"), (8,), torch.randn(8))
+
+
+# ------------------------------------------------------------------ modules
+
+
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
+def test_layer_norm_module_is_drop_in(affine, bias):
+    torch.manual_seed(0)
+    ref = torch.nn.LayerNorm((6, 10), eps=1e-6, elementwise_affine=affine, bias=bias)
+    if affine:
+        with torch.no_grad():
+            ref.weight.normal_()
+            if bias:
+                ref.bias.normal_()
+    ours = torch_wsl.nn.LayerNorm((6, 10), eps=1e-6, elementwise_affine=affine, bias=bias)
+    assert isinstance(ours, torch.nn.LayerNorm)
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 6, 10)
+    torch.testing.assert_close(ours(x), ref(x))
+    r = torch.randn(3, 6, 10)
+    out, res = ours(x, r)
+    torch.testing.assert_close(out, ref(x + r))
+    torch.testing.assert_close(res, x + r)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_rms_norm_module_is_drop_in(affine):
+    ref = torch.nn.RMSNorm(12, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            ref.weight.normal_()
+    ours = torch_wsl.nn.RMSNorm(12, elementwise_affine=affine)
+    assert isinstance(ours, torch.nn.RMSNorm)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_build_info():
+    info = torch_wsl.build_info()
+    assert info["torch_version"] == torch.__version__.split("+")[0]
+    assert info["cpu_simd"] in ("default", "avx2", "avx512")
+    assert isinstance(info["cuda_kernels"], bool)
+    if info["cuda_kernels"]:
+        assert info["cuda_version"] and info["cuda_archs"]
+    else:
+        assert info["cuda_version"] is None
+
+
+def test_version_mismatch_is_a_clear_import_error():
+    from torch_wsl._extension import check_torch_version
+
+    check_torch_version("2.14.1", "2.14.1")
+    with pytest.raises(ImportError, match=r"built against torch 2\.13\.0.*torch 2\.14\.1 is installed.*rebuild"):
+        check_torch_version("2.13.0", "2.14.1")
