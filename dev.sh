@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine:
+#   ./dev.sh bench [harness args]   set everything up, run the benchmark harness (default workload)
+#   ./dev.sh test                   set everything up, run all tests (pytest + ctest); what CI runs
+#   ./dev.sh setup                  set everything up only
+# Setting up is idempotent: apt packages if missing, a venv in .venv with
+# requirements-dev.txt, the extension built in place (pip -e, with CUDA
+# kernels when a CUDA toolkit is found), and the C++ test suite in build/.
+# Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST, FORCE_CUDA,
+# TORCH_WSL_CPU_ONLY, MAX_JOBS (see setup.py).
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+
+log() { printf '\n==> %s\n' "$*"; }
+
+ensure_apt_packages() {
+  local missing=()
+  for pkg in libgtest-dev cmake; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return
+  log "installing ${missing[*]} (apt)"
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+ensure_venv() {
+  if [ ! -x "$PY" ]; then
+    log "creating $VENV"
+    "${PYTHON:-python3}" -m venv "$VENV"
+  fi
+  log "installing Python requirements (torch 2.14.1 and test tools)"
+  "$PY" -m pip install -q -r requirements-dev.txt
+}
+
+build_extension() {
+  log "building torch_wsl._C (CUDA kernels if a CUDA toolkit is found; TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
+  # ccache, when installed, makes rebuilds near-instant.
+  [ -d /usr/lib/ccache ] && export PATH="/usr/lib/ccache:$PATH"
+  export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  "$PY" -m pip install -q --no-build-isolation -e . 
+  "$PY" -c "import torch_wsl, json; print('built:', json.dumps(torch_wsl.build_info()))"
+}
+
+build_cpp_tests() {
+  log "building the C++ library and GoogleTest suite (build/)"
+  local gen=()
+  command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
+  [ -f build/CMakeCache.txt ] && gen=()
+  cmake -S . -B build "${gen[@]}" -DPython_EXECUTABLE="$PY" >/dev/null
+  cmake --build build -j "$(nproc)" >/dev/null
+}
+
+setup() {
+  ensure_apt_packages
+  ensure_venv
+  build_extension
+  build_cpp_tests
+}
+
+cmd="${1:-help}"
+shift || true
+case "$cmd" in
+  setup)
+    setup
+    ;;
+  test)
+    setup
+    log "pytest"
+    "$PY" -m pytest tests -q -rs "$@"
+    log "ctest"
+    ctest --test-dir build --output-on-failure
+    ;;
+  bench)
+    setup
+    log "benchmark harness (python -m benchmarks $*)"
+    "$PY" -m benchmarks "$@"
+    ;;
+  *)
+    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    [ "$cmd" = help ] || exit 2
+    ;;
+esac
