@@ -6,6 +6,7 @@
 #include <torch/headeronly/version.h>
 
 #include "build_info.h"
+#include "cpu/bandwidth.h"
 #include "cpu/isa.h"
 
 #ifndef TORCH_WSL_CUDA_ARCHS
@@ -33,6 +34,17 @@ PYBIND11_MODULE(_C, m) {
     info["cpu_simd_best"] = torch_wsl::cpu::isa_name(torch_wsl::cpu::detected_isa());
     return info;
   });
+  // Takes data pointers rather than tensors to keep torch's pybind11 casters
+  // (a heavy header) out of this file; torch_wsl's harness passes
+  // contiguous float32 CPU tensors' data_ptr().
+  m.def(
+      "_stream_triad",
+      [](uintptr_t a, uintptr_t b, uintptr_t c, double s, int64_t n, bool nontemporal) {
+        torch_wsl::cpu::stream_triad(reinterpret_cast<float*>(a), reinterpret_cast<const float*>(b),
+                                     reinterpret_cast<const float*>(c), static_cast<float>(s), n, nontemporal);
+      },
+      py::arg("a"), py::arg("b"), py::arg("c"), py::arg("s"), py::arg("n"), py::arg("nontemporal"),
+      "STREAM-like triad a = b + s * c over n floats (the benchmark harness's roofline)");
   m.def("set_cpu_isa", &torch_wsl::cpu::set_cpu_isa, py::arg("name"),
         "Select the CPU kernels' ISA ('default', 'avx2', 'avx512'); returns the previous one.");
 }

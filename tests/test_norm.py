@@ -386,3 +386,27 @@ def test_version_mismatch_is_a_clear_import_error():
     check_torch_version("2.14.1", "2.14.1")
     with pytest.raises(ImportError, match=r"built against torch 2\.13\.0.*torch 2\.14\.1 is installed.*rebuild"):
         check_torch_version("2.13.0", "2.14.1")
+
+
+@pytest.mark.parametrize("dtype", TRAIN_DTYPES)
+@pytest.mark.parametrize("kind", ["add_layer_norm", "rms_norm"])
+def test_large_outputs_use_streaming_stores_correctly(cpu_isa, dtype, kind):
+    """Outputs of 16 MiB and more take the non-temporal store path; results must not change."""
+    rows = (16 << 20) // (4096 * torch.tensor([], dtype=dtype).element_size())
+    shape = (4096,)
+    x = make_input((rows,) + shape, dtype, "cpu", offset=0.3).requires_grad_()
+    r = make_input((rows,) + shape, dtype, "cpu").requires_grad_() if "add" in kind else None
+    w, b = make_params(kind, shape, "wb", dtype, "cpu")
+    out, res_out = run_kind(kind, x, r, shape, w, b)
+    ref_out, ref_sum = reference(kind, x.detach(), None if r is None else r.detach(), shape, w, b)
+    torch.testing.assert_close(out.double(), ref_out, **tol(dtype))
+    go = torch.randn(x.shape, dtype=dtype)
+    leaves = [t for t in (x, r) if t is not None]
+    grads = torch.autograd.grad(out, leaves, go)
+    # The input gradient against the small-tensor path on the same rows (no streaming there).
+    for lo in (0, rows - 3):
+        xs = x.detach()[lo : lo + 3].clone().requires_grad_()
+        rs = None if r is None else r.detach()[lo : lo + 3].clone().requires_grad_()
+        out_s, _ = run_kind(kind, xs, rs, shape, w, b)
+        (g_small,) = torch.autograd.grad(out_s, [xs], go[lo : lo + 3])
+        assert torch.equal(grads[0][lo : lo + 3], g_small)

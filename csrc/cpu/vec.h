@@ -21,6 +21,8 @@ struct Scalar {
   static Scalar load(const T* p) { return {static_cast<acc_t>(*p)}; }
   template <typename T>
   void store(T* p) const { *p = static_cast<T>(v); }
+  template <typename T>
+  void store_stream(T* p) const { store(p); }
   Scalar operator+(Scalar b) const { return {v + b.v}; }
   Scalar operator-(Scalar b) const { return {v - b.v}; }
   Scalar operator*(Scalar b) const { return {v * b.v}; }
@@ -52,6 +54,17 @@ struct VecF {
   void store(c10::Half* p) const {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
+  // Non-temporal stores (bypass the caches, no read-for-ownership); p must be
+  // aligned to the stored width, see can_stream().
+  void store_stream(float* p) const { _mm512_stream_ps(p, v); }
+  void store_stream(c10::BFloat16* p) const { stream_half_width(p); }
+  void store_stream(c10::Half* p) const { stream_half_width(p); }
+  template <typename T>
+  void stream_half_width(T* p) const {
+    alignas(32) T tmp[16];
+    store(tmp);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp)));
+  }
   VecF operator+(VecF b) const { return {_mm512_add_ps(v, b.v)}; }
   VecF operator-(VecF b) const { return {_mm512_sub_ps(v, b.v)}; }
   VecF operator*(VecF b) const { return {_mm512_mul_ps(v, b.v)}; }
@@ -80,6 +93,15 @@ struct VecF {
   }
   void store(c10::Half* p) const {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  void store_stream(float* p) const { _mm256_stream_ps(p, v); }
+  void store_stream(c10::BFloat16* p) const { stream_half_width(p); }
+  void store_stream(c10::Half* p) const { stream_half_width(p); }
+  template <typename T>
+  void stream_half_width(T* p) const {
+    alignas(16) T tmp[8];
+    store(tmp);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
   }
   VecF operator+(VecF b) const { return {_mm256_add_ps(v, b.v)}; }
   VecF operator-(VecF b) const { return {_mm256_sub_ps(v, b.v)}; }
@@ -127,4 +149,25 @@ inline acc_t sum_lanes(int64_t n, Body&& body) {
   acc_t total = ((a0 + a1) + (a2 + a3)).sum();
   for (; i < n; ++i) total += body(Scalar<acc_t>{}, i).sum();
   return total;
+}
+
+// Whether full vectors of T can be stored non-temporally at every row start:
+// the base pointer and the row pitch keep the vector alignment.
+template <typename acc_t, typename T>
+inline bool can_stream(const T* base, int64_t cols) {
+  using V = VecOf<acc_t>;
+  if constexpr (V::kLanes == 1) {
+    return false;
+  } else {
+    constexpr int64_t align = V::kLanes * sizeof(T);
+    return reinterpret_cast<uintptr_t>(base) % align == 0 && (cols * static_cast<int64_t>(sizeof(T))) % align == 0;
+  }
+}
+
+// Orders this thread's non-temporal stores before what follows (they are
+// weakly ordered); called at the end of each parallel chunk that streamed.
+inline void stream_fence() {
+#if TWSL_CPU_ISA_LEVEL >= 1
+  _mm_sfence();
+#endif
 }
