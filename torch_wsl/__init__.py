@@ -7,16 +7,26 @@ and the runtime services. Drop-in modules live in ``torch_wsl.nn``.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from . import _extension
 
-_C = _extension.load()
+try:
+    _C = _extension.load()
+except ImportError:
+    # `python -m torch_wsl doctor` must run to diagnose a missing or mismatched
+    # build; Python imports this package first, with sys.argv[0] == "-m" while
+    # it locates the __main__ module. Everywhere else a broken build is an
+    # ImportError at `import torch_wsl`.
+    if sys.argv[:1] != ["-m"]:
+        raise
+    _C = None
 
-# Python-side registrations (fake kernels, autograd) only once the library
-# that defines the operators has loaded.
-from . import ops  # noqa: E402
-from . import nn  # noqa: E402
+if _C is not None:
+    # Python-side registrations (fake kernels, autograd) only once the library
+    # that defines the operators has loaded.
+    from . import nn, ops  # noqa: F401
 
 __version__ = "0.1.0"
 

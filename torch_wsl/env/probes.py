@@ -729,7 +729,7 @@ def probe_memory(env: Env | None = None) -> MemoryInfo:
             if "size" in opts:
                 shm, source = parse_size(opts["size"], total), "/proc/mounts"
             elif parts[2] == "tmpfs" and total is not None:
-                shm, source = total // 2, "/proc/mounts (tmpfs default: half of RAM)"
+                shm, source = total // 2, "/proc/mounts, tmpfs default: half of RAM"
     if shm is None:
         size = env.statvfs_size("/dev/shm")
         if size is not None:

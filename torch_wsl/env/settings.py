@@ -93,7 +93,7 @@ def settings_from_probes(
 ) -> Settings:
     """Derive :class:`Settings` from probe results (pure; no I/O)."""
     platform = probes.platform
-    wsl = platform in ("wsl2", "wsl1")
+    wsl = platform != "linux"  # WSL, or unknown: be conservative
     env: dict[str, str | None] = {}
     reasons: dict[str, str] = {}
 
@@ -103,13 +103,14 @@ def settings_from_probes(
         reasons["use_expandable_segments"] = (
             "CUDA virtual memory probed OK on this driver" if vmm_ok
             else "expandable segments fail on some WSL drivers (pytorch/pytorch#192330); not probed OK here"
+            if platform != "unknown" else "platform unknown: not relying on CUDA virtual memory"
         )
     else:
         use_vmm = not (vmm is not None and vmm.status == "failed")
         reasons["use_expandable_segments"] = "native driver: CUDA virtual memory supported" if use_vmm else "VMM probe failed"
 
     vram = VRAM_BUDGET_FRACTION_WSL2 if wsl else VRAM_BUDGET_FRACTION_NATIVE
-    reasons["vram_budget_fraction"] = "WSL2: hidden context overhead, silent sysmem fallback" if wsl else "native"
+    reasons["vram_budget_fraction"] = "WSL2: hidden context overhead, silent sysmem fallback" if wsl else "native Linux"
 
     ram = probes.memory.mem_total
     ram_cap = int(ram * PINNED_RAM_FRACTION) if ram else None
@@ -119,9 +120,11 @@ def settings_from_probes(
     elif pinned is not None and pinned.status == "failed":
         budget, why = 0, "pinning failed in the probe: use pageable copies"
     elif wsl:
-        budget, why = PINNED_BUDGET_WSL2_BYTES, "WSL2 default (microsoft/WSL#14078: pinning fails above ~500 MB)"
+        budget, why = PINNED_BUDGET_WSL2_BYTES, "WSL default (microsoft/WSL#14078: pinning fails above ~500 MB)"
+    elif ram_cap:
+        budget, why = ram_cap, f"{PINNED_RAM_FRACTION:.0%} of RAM"
     else:
-        budget, why = ram_cap or PINNED_BUDGET_WSL2_BYTES, f"{PINNED_RAM_FRACTION:.0%} of RAM"
+        budget, why = PINNED_BUDGET_WSL2_BYTES, "RAM unknown: the conservative WSL2 default"
     if ram_cap is not None and budget > ram_cap:
         budget, why = ram_cap, why + f", capped at {PINNED_RAM_FRACTION:.0%} of RAM"
     reasons["pinned_budget_bytes"] = why
