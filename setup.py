@@ -76,12 +76,14 @@ def extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = opt + ["-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # Every C++ file under csrc/ (subsystems live in subfolders), and under
+    # csrc/cuda/ the CUDA sources, which only a CUDA build compiles.
+    sources = sorted(p for p in glob.glob("csrc/**/*.cpp", recursive=True) if not p.startswith("csrc/cuda/"))
     macros = []
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True) + glob.glob("csrc/cuda/**/*.cpp", recursive=True))
         macros += [("TORCH_WSL_WITH_CUDA", "1"), ("TORCH_WSL_CUDA_ARCHS", f'"{archs}"')]
         nvcc += ["-Xcompiler", "-fopenmp"]
     _write_build_config(with_cuda, archs)

@@ -1,17 +1,9 @@
-// LayerNorm/RMSNorm CPU kernels for the 'avx2' ISA (see cpu/isa.h, cpu/norm_kernel_impl.h).
+// LayerNorm/RMSNorm CPU kernels built for the 'avx2' ISA (see cpu/isa_begin.h).
 #include "cpu/isa_prelude.h"
 #include "cpu/norm_kernel.h"
 #include "norm_math.h"
 
-#define TWSL_CPU_ISA_NS isa_avx2
-#if TWSL_X86
-#define TWSL_CPU_ISA_LEVEL 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#else
-#define TWSL_CPU_ISA_LEVEL 0  // not x86: the portable code under this ISA's name
-#endif
+#define TWSL_ISA_AVX2
+#include "cpu/isa_begin.h"
 #include "cpu/norm_kernel_impl.h"
-#if TWSL_X86
-#pragma GCC pop_options
-#endif
+#include "cpu/isa_end.h"

@@ -1,8 +1,9 @@
-// LayerNorm/RMSNorm CPU kernels for the 'default' ISA (see cpu/isa.h, cpu/norm_kernel_impl.h).
+// LayerNorm/RMSNorm CPU kernels built for the 'default' ISA (see cpu/isa_begin.h).
 #include "cpu/isa_prelude.h"
 #include "cpu/norm_kernel.h"
 #include "norm_math.h"
 
-#define TWSL_CPU_ISA_NS isa_default
-#define TWSL_CPU_ISA_LEVEL 0
+#define TWSL_ISA_DEFAULT
+#include "cpu/isa_begin.h"
 #include "cpu/norm_kernel_impl.h"
+#include "cpu/isa_end.h"

@@ -1,7 +1,7 @@
 // LayerNorm / RMSNorm CPU kernels, compiled once per ISA: included by
-// norm_kernel_{default,avx2,avx512}.cpp inside their `#pragma GCC target`
-// region, with TWSL_CPU_ISA_NS and TWSL_CPU_ISA_LEVEL set. No includes here
-// (see isa_prelude.h). The arithmetic is norm_math.h's, shared with CUDA; here
+// norm_kernel_{default,avx2,avx512}.cpp inside the region opened by
+// cpu/isa_begin.h (TWSL_CPU_ISA_NS and TWSL_CPU_ISA_LEVEL set). No includes
+// here (see isa_prelude.h). The arithmetic is norm_math.h's, shared with CUDA; here
 // it runs on vectors of fp32 lanes (vec.h).
 //
 // DRAM sees each input byte read once and each output byte written once: a
