@@ -135,6 +135,42 @@ def count_dispatched_ops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]
     return counter.count, counter.names
 
 
+class _TrackMemory(TorchDispatchMode):
+    """Live bytes of the storages that operators allocate, and their peak.
+
+    A storage counts from the operator that returned it until its last
+    reference dies (checked through weak references at every operator).
+    Scratch memory inside one kernel is not seen; the same rule applies to
+    every contender.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[object, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _expire(self) -> None:
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(key)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._pytree import tree_leaves
+
+        out = func(*args, **(kwargs or {}))
+        self._expire()
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
 def peak_memory(fn: Callable[[], object], device: str) -> Optional[int]:
     """Peak bytes allocated above the starting point during one call."""
     if device.startswith("cuda"):
@@ -144,18 +180,9 @@ def peak_memory(fn: Callable[[], object], device: str) -> Optional[int]:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _TrackMemory() as tracker:
         fn()
-    events = sorted(
-        (e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start
-    )
-    live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    return tracker.peak
 
 
 def measure_triad(device: str, mib: int = 256, reps: int = 10) -> dict:

@@ -28,11 +28,12 @@ TWSL_HOST_DEVICE acc_t reciprocal_sqrt(acc_t x) {
 }
 
 // rstd from the sum of squared deviations of a row (centered for LayerNorm,
-// raw for RMSNorm). Clamped at zero: rounding can make a tiny variance negative.
+// raw for RMSNorm). A sum of squares is never negative; the clamp is written
+// so that NaN (from NaN or Inf inputs) propagates, as in eager PyTorch.
 template <typename acc_t>
 TWSL_HOST_DEVICE acc_t row_rstd(acc_t sum_sq, int64_t n, acc_t eps) {
   acc_t var = n > 0 ? sum_sq / static_cast<acc_t>(n) : acc_t(0);
-  var = var > acc_t(0) ? var : acc_t(0);
+  var = var < acc_t(0) ? acc_t(0) : var;
   return reciprocal_sqrt(var + eps);
 }
 

@@ -206,6 +206,22 @@ def test_mixed_dtype_params(device, w_dtype):
     torch.testing.assert_close(out2.double(), F.rms_norm(x.double(), (96,), w.double()), **tol(torch.bfloat16))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_finite_rows_give_nan_like_eager(device, kind):
+    """Rows with Inf or NaN give what eager gives (NaN for LayerNorm); other rows are unaffected."""
+    x = torch.randn(3, 8, device=device)
+    x[0, 2] = float("inf")
+    x[1, 5] = float("nan")
+    r = torch.zeros_like(x) if "add" in kind else None
+    out, _ = run_kind(kind, x, r, (8,), None, None)
+    ref, _ = reference(kind, x, r, (8,), None, None)
+    assert torch.isnan(out[1]).all()
+    if "layer" in kind:
+        assert torch.isnan(out[0]).all()
+    torch.testing.assert_close(out.double(), ref, equal_nan=True, **tol(torch.float32))
+
+
 def test_rms_norm_default_eps_matches_torch():
     x = torch.full((2, 8), 1e-4)
     torch.testing.assert_close(TF.rms_norm(x, (8,)), F.rms_norm(x, (8,)))
@@ -410,3 +426,22 @@ def test_large_outputs_use_streaming_stores_correctly(cpu_isa, dtype, kind):
         out_s, _ = run_kind(kind, xs, rs, shape, w, b)
         (g_small,) = torch.autograd.grad(out_s, [xs], go[lo : lo + 3])
         assert torch.equal(grads[0][lo : lo + 3], g_small)
+
+
+@pytest.mark.parametrize("kind", ["add_layer_norm", "add_rms_norm"])
+def test_gradient_when_only_one_output_is_used(kind):
+    """Unused outputs get no materialized zero gradients, and the math still holds."""
+    x = torch.randn(4, 16, requires_grad=True)
+    r = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    b = torch.randn(16, requires_grad=True) if "layer" in kind else None
+    out, res = run_kind(kind, x, r, (16,), w, b)
+    gx, gr = torch.autograd.grad(res.sum(), [x, r])  # only residual_out
+    torch.testing.assert_close(gx, torch.ones_like(x))
+    torch.testing.assert_close(gr, torch.ones_like(r))
+    out, res = run_kind(kind, x, r, (16,), w, b)
+    got = torch.autograd.grad(out.square().sum(), [x, r, w])  # only the normalized output
+    ref_out, _ = reference(kind, x, r, (16,), w, b, round_sum=False)
+    want = torch.autograd.grad(ref_out.square().sum(), [x, r, w])
+    for g, ref in zip(got, want):
+        torch.testing.assert_close(g.double(), ref.double(), **tol(torch.float32, scale=4.0))

@@ -14,8 +14,9 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <limits>
+#include <type_traits>
 
 #include "build_info.h"
 #include "cuda/block_reduce.cuh"
@@ -66,118 +67,141 @@ __device__ __forceinline__ acc_t param_or(const param_t* p, int64_t i, acc_t fal
   return p != nullptr ? static_cast<acc_t>(p[i]) : fallback;
 }
 
-// One block per row. Pass 1 forms the row (adding the residual and storing
-// residual_out when fused) and its sum; pass 2 the squared deviations; pass 3
-// writes the output. Passes 2 and 3 re-read the row, mostly from L2.
-template <typename scalar_t, typename param_t, int VEC>
-__global__ void norm_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
-                                    const param_t* __restrict__ w, const param_t* __restrict__ b,
-                                    scalar_t* __restrict__ y, scalar_t* __restrict__ res_out,
-                                    typename AccType<scalar_t>::type* __restrict__ mean_out,
-                                    typename AccType<scalar_t>::type* __restrict__ rstd_out, int64_t cols,
-                                    typename AccType<scalar_t>::type eps, bool center) {
+// Reads elements [j, j + VEC) of the row that is normalized: the input, or
+// the rounded sum input + residual. The sum is recomputed from the two inputs
+// rather than re-read from residual_out: the inputs are read-only for the whole
+// kernel (so the read-only cache path is legal) and the expression is the one
+// that produced residual_out, so the values are bit-identical.
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ void load_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res, int64_t j,
+                                         scalar_t (&v)[VEC]) {
   using acc_t = typename AccType<scalar_t>::type;
-  __shared__ acc_t shared[64];
-  const int64_t off = static_cast<int64_t>(blockIdx.x) * cols;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
-  // The row that is normalized: residual_out when fused, else the input.
-  const scalar_t* row = res != nullptr ? res_out + off : x + off;
-
-  acc_t sum = 0, unused = 0;
-  for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < cols; i += step) {
-    scalar_t v[VEC];
-    load_vec<VEC>(x + off + i, v);
-    if (res != nullptr) {
-      scalar_t r[VEC];
-      load_vec<VEC>(res + off + i, r);
+  load_vec<VEC>(x + j, v);
+  if (res != nullptr) {
+    scalar_t r[VEC];
+    load_vec<VEC>(res + j, r);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) v[k] = static_cast<scalar_t>(static_cast<acc_t>(v[k]) + static_cast<acc_t>(r[k]));
-      store_vec<VEC>(res_out + off + i, v);
-    }
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) sum += static_cast<acc_t>(v[k]);
-  }
-  acc_t mean = 0;
-  if (center) {
-    block_sum2(sum, unused, shared);
-    mean = cols > 0 ? sum / static_cast<acc_t>(cols) : acc_t(0);
-  }
-
-  acc_t sum_sq = 0;
-  unused = 0;
-  for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < cols; i += step) {
-    scalar_t v[VEC];
-    load_vec<VEC>(row + i, v);  // this thread wrote these elements of res_out in pass 1
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const acc_t d = static_cast<acc_t>(v[k]) - mean;
-      sum_sq += d * d;
-    }
-  }
-  block_sum2(sum_sq, unused, shared);
-  const acc_t rstd = nm::row_rstd(sum_sq, cols, eps);
-  if (threadIdx.x == 0) {
-    if (mean_out != nullptr) mean_out[blockIdx.x] = mean;
-    rstd_out[blockIdx.x] = rstd;
-  }
-
-  for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < cols; i += step) {
-    scalar_t v[VEC];
-    load_vec<VEC>(row + i, v);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const acc_t xhat = nm::normalize(static_cast<acc_t>(v[k]), mean, rstd);
-      v[k] = static_cast<scalar_t>(nm::affine(xhat, param_or(w, i + k, acc_t(1)), param_or(b, i + k, acc_t(0))));
-    }
-    store_vec<VEC>(y + off + i, v);
+    for (int k = 0; k < VEC; ++k) v[k] = static_cast<scalar_t>(static_cast<acc_t>(v[k]) + static_cast<acc_t>(r[k]));
   }
 }
 
-// Input gradient, one block per row.
-template <typename scalar_t, typename param_t, int VEC>
-__global__ void norm_backward_input_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ dres,
-                                           const scalar_t* __restrict__ x,
-                                           const typename AccType<scalar_t>::type* __restrict__ mean_in,
-                                           const typename AccType<scalar_t>::type* __restrict__ rstd_in,
-                                           const param_t* __restrict__ w, scalar_t* __restrict__ dx, int64_t cols) {
+constexpr int kMaxRowThreads = 256;
+
+// One block per row (grid-striding when there are more rows than blocks).
+// Pass 1 forms the row, stores residual_out when fused, and sums the row
+// (LayerNorm) or its squares (RMSNorm); LayerNorm's pass 2 sums squared
+// deviations; the last pass writes the output. Later passes re-read the row,
+// mostly from L2.
+template <typename scalar_t, typename param_t, int VEC, bool kCenter>
+__global__ void __launch_bounds__(kMaxRowThreads)
+    norm_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                        const param_t* __restrict__ w, const param_t* __restrict__ b, scalar_t* __restrict__ y,
+                        scalar_t* __restrict__ res_out, typename AccType<scalar_t>::type* __restrict__ mean_out,
+                        typename AccType<scalar_t>::type* __restrict__ rstd_out, int64_t rows, int64_t cols,
+                        typename AccType<scalar_t>::type eps) {
   using acc_t = typename AccType<scalar_t>::type;
   __shared__ acc_t shared[64];
-  const int64_t off = static_cast<int64_t>(blockIdx.x) * cols;
   const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
-  const acc_t mean = mean_in != nullptr ? mean_in[blockIdx.x] : acc_t(0);
-  const acc_t rstd = rstd_in[blockIdx.x];
-
-  acc_t sum_gw = 0, sum_gw_xhat = 0;
-  for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < cols; i += step) {
-    scalar_t xv[VEC], gv[VEC];
-    load_vec<VEC>(x + off + i, xv);
-    load_vec<VEC>(dy + off + i, gv);
+  const int64_t first = static_cast<int64_t>(threadIdx.x) * VEC;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t off = row * cols;
+    acc_t stat = 0, unused = 0;
+    for (int64_t i = first; i < cols; i += step) {
+      scalar_t v[VEC];
+      load_row<VEC>(x, res, off + i, v);
+      if (res != nullptr) store_vec<VEC>(res_out + off + i, v);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const acc_t gw = static_cast<acc_t>(gv[k]) * param_or(w, i + k, acc_t(1));
-      sum_gw += gw;
-      sum_gw_xhat += gw * nm::normalize(static_cast<acc_t>(xv[k]), mean, rstd);
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t a = static_cast<acc_t>(v[k]);
+        stat += kCenter ? a : a * a;
+      }
+    }
+    block_sum2(stat, unused, shared);
+    acc_t mean = 0;
+    acc_t sum_sq = stat;
+    if constexpr (kCenter) {
+      mean = cols > 0 ? stat / static_cast<acc_t>(cols) : acc_t(0);
+      sum_sq = 0;
+      unused = 0;
+      for (int64_t i = first; i < cols; i += step) {
+        scalar_t v[VEC];
+        load_row<VEC>(x, res, off + i, v);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const acc_t d = static_cast<acc_t>(v[k]) - mean;
+          sum_sq += d * d;
+        }
+      }
+      block_sum2(sum_sq, unused, shared);
+    }
+    const acc_t rstd = nm::row_rstd(sum_sq, cols, eps);
+    if (threadIdx.x == 0) {
+      if (mean_out != nullptr) mean_out[row] = mean;
+      rstd_out[row] = rstd;
+    }
+
+    for (int64_t i = first; i < cols; i += step) {
+      scalar_t v[VEC];
+      load_row<VEC>(x, res, off + i, v);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t xhat = nm::normalize(static_cast<acc_t>(v[k]), mean, rstd);
+        v[k] = static_cast<scalar_t>(nm::affine(xhat, param_or(w, i + k, acc_t(1)), param_or(b, i + k, acc_t(0))));
+      }
+      store_vec<VEC>(y + off + i, v);
     }
   }
-  block_sum2(sum_gw, sum_gw_xhat, shared);
-  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(cols);
-  const acc_t mean_gw = mean_in != nullptr ? sum_gw * inv_n : acc_t(0);
-  const acc_t mean_gw_xhat = sum_gw_xhat * inv_n;
+}
 
-  for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < cols; i += step) {
-    scalar_t xv[VEC], gv[VEC], pass[VEC];
-    load_vec<VEC>(x + off + i, xv);
-    load_vec<VEC>(dy + off + i, gv);
-    if (dres != nullptr) load_vec<VEC>(dres + off + i, pass);
+// Input gradient, one block per row (grid-striding).
+template <typename scalar_t, typename param_t, int VEC>
+__global__ void __launch_bounds__(kMaxRowThreads)
+    norm_backward_input_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ dres,
+                               const scalar_t* __restrict__ x,
+                               const typename AccType<scalar_t>::type* __restrict__ mean_in,
+                               const typename AccType<scalar_t>::type* __restrict__ rstd_in,
+                               const param_t* __restrict__ w, scalar_t* __restrict__ dx, int64_t rows, int64_t cols) {
+  using acc_t = typename AccType<scalar_t>::type;
+  __shared__ acc_t shared[64];
+  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
+  const int64_t first = static_cast<int64_t>(threadIdx.x) * VEC;
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(cols);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t off = row * cols;
+    const acc_t mean = mean_in != nullptr ? mean_in[row] : acc_t(0);
+    const acc_t rstd = rstd_in[row];
+
+    acc_t sum_gw = 0, sum_gw_xhat = 0;
+    for (int64_t i = first; i < cols; i += step) {
+      scalar_t xv[VEC], gv[VEC];
+      load_vec<VEC>(x + off + i, xv);
+      load_vec<VEC>(dy + off + i, gv);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const acc_t gw = static_cast<acc_t>(gv[k]) * param_or(w, i + k, acc_t(1));
-      const acc_t xhat = nm::normalize(static_cast<acc_t>(xv[k]), mean, rstd);
-      acc_t g = nm::grad_input(gw, xhat, rstd, mean_gw, mean_gw_xhat);
-      if (dres != nullptr) g += static_cast<acc_t>(pass[k]);
-      gv[k] = static_cast<scalar_t>(g);
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t gw = static_cast<acc_t>(gv[k]) * param_or(w, i + k, acc_t(1));
+        sum_gw += gw;
+        sum_gw_xhat += gw * nm::normalize(static_cast<acc_t>(xv[k]), mean, rstd);
+      }
     }
-    store_vec<VEC>(dx + off + i, gv);
+    block_sum2(sum_gw, sum_gw_xhat, shared);
+    const acc_t mean_gw = mean_in != nullptr ? sum_gw * inv_n : acc_t(0);
+    const acc_t mean_gw_xhat = sum_gw_xhat * inv_n;
+
+    for (int64_t i = first; i < cols; i += step) {
+      scalar_t xv[VEC], gv[VEC], pass[VEC];
+      load_vec<VEC>(x + off + i, xv);
+      load_vec<VEC>(dy + off + i, gv);
+      if (dres != nullptr) load_vec<VEC>(dres + off + i, pass);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t gw = static_cast<acc_t>(gv[k]) * param_or(w, i + k, acc_t(1));
+        const acc_t xhat = nm::normalize(static_cast<acc_t>(xv[k]), mean, rstd);
+        acc_t g = nm::grad_input(gw, xhat, rstd, mean_gw, mean_gw_xhat);
+        if (dres != nullptr) g += static_cast<acc_t>(pass[k]);
+        gv[k] = static_cast<scalar_t>(g);
+      }
+      store_vec<VEC>(dx + off + i, gv);
+    }
   }
 }
 
@@ -245,13 +269,17 @@ int vector_width(int64_t cols, std::initializer_list<const void*> ptrs) {
 }
 
 // Threads per row-block: enough to cover the row once with vectors, in whole
-// warps, at most 1024 (block_sum2's limit) and at least one warp.
+// warps, at least one warp and at most kMaxRowThreads (longer rows loop).
 int row_threads(int64_t cols, int vec) {
   const int64_t vectors = (cols + vec - 1) / vec;
   const int64_t warps = (vectors + 31) / 32;
-  const int64_t capped = warps < 1 ? 1 : (warps > 8 ? 8 : warps);  // 256 threads loop over longer rows
+  const int64_t capped = std::max<int64_t>(1, std::min<int64_t>(warps, kMaxRowThreads / 32));
   return static_cast<int>(capped * 32);
 }
+
+// Blocks for the row kernels: one per row, up to a cap; the kernels stride
+// over the rest.
+unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(std::min<int64_t>(rows, int64_t{1} << 20)); }
 
 template <typename T>
 const T* ptr_or_null(const Tensor& t) {
@@ -269,8 +297,6 @@ void unify_params(Tensor& weight, Tensor& bias, at::ScalarType acc) {
 struct CudaNormBackend {
   static void forward(NormForward& p) {
     if (p.rows == 0) return;
-    TORCH_CHECK(p.rows <= std::numeric_limits<int32_t>::max(), "torch_wsl: norm CUDA kernels take at most 2^31-1 rows, got ",
-                p.rows);
     const c10::cuda::OptionalCUDAGuard guard(p.input.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const at::ScalarType acc = norm_acc_type(p.input.scalar_type());
@@ -289,16 +315,25 @@ struct CudaNormBackend {
         acc_t* rstd = p.rstd.mutable_data_ptr<acc_t>();
         const int vec = vector_width<scalar_t>(p.cols, {x, res, y, res_out});
         const int threads = row_threads(p.cols, vec);
-        const auto grid = static_cast<unsigned>(p.rows);
+        const unsigned grid = row_blocks(p.rows);
         const param_t* w = ptr_or_null<param_t>(p.weight);
         const param_t* b = ptr_or_null<param_t>(p.bias);
+        const auto eps = static_cast<acc_t>(p.eps);
         constexpr int kVec = 16 / sizeof(scalar_t);
+        auto go = [&](auto vec_tag, auto center_tag) {
+          constexpr int V = decltype(vec_tag)::value;
+          constexpr bool C = decltype(center_tag)::value;
+          norm_forward_kernel<scalar_t, param_t, V, C>
+              <<<grid, threads, 0, stream>>>(x, res, w, b, y, res_out, mean, rstd, p.rows, p.cols, eps);
+        };
+        using Vec = std::integral_constant<int, kVec>;
+        using One = std::integral_constant<int, 1>;
+        using Center = std::true_type;
+        using NoCenter = std::false_type;
         if (vec == kVec) {
-          norm_forward_kernel<scalar_t, param_t, kVec><<<grid, threads, 0, stream>>>(
-              x, res, w, b, y, res_out, mean, rstd, p.cols, static_cast<acc_t>(p.eps), p.center);
+          p.center ? go(Vec{}, Center{}) : go(Vec{}, NoCenter{});
         } else {
-          norm_forward_kernel<scalar_t, param_t, 1><<<grid, threads, 0, stream>>>(
-              x, res, w, b, y, res_out, mean, rstd, p.cols, static_cast<acc_t>(p.eps), p.center);
+          p.center ? go(One{}, Center{}) : go(One{}, NoCenter{});
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
@@ -319,8 +354,6 @@ struct CudaNormBackend {
       if (p.grad_bias.defined()) p.grad_bias.zero_();
       return;
     }
-    TORCH_CHECK(p.rows <= std::numeric_limits<int32_t>::max(), "torch_wsl: norm CUDA kernels take at most 2^31-1 rows, got ",
-                p.rows);
     const bool params_in_acc = p.weight.defined() && p.weight.scalar_type() != p.input.scalar_type();
     TWSL_DISPATCH_FLOATING_TYPES(p.input.scalar_type(), "torch_wsl.norm_backward_cuda", [&] {
       using acc_t = typename AccType<scalar_t>::type;
@@ -336,14 +369,14 @@ struct CudaNormBackend {
         const param_t* w = ptr_or_null<param_t>(p.weight);
         const int vec = vector_width<scalar_t>(p.cols, {dy, dres, x, dx});
         const int threads = row_threads(p.cols, vec);
-        const auto grid = static_cast<unsigned>(p.rows);
+        const unsigned grid = row_blocks(p.rows);
         constexpr int kVec = 16 / sizeof(scalar_t);
         if (vec == kVec) {
           norm_backward_input_kernel<scalar_t, param_t, kVec>
-              <<<grid, threads, 0, stream>>>(dy, dres, x, mean, rstd, w, dx, p.cols);
+              <<<grid, threads, 0, stream>>>(dy, dres, x, mean, rstd, w, dx, p.rows, p.cols);
         } else {
           norm_backward_input_kernel<scalar_t, param_t, 1>
-              <<<grid, threads, 0, stream>>>(dy, dres, x, mean, rstd, w, dx, p.cols);
+              <<<grid, threads, 0, stream>>>(dy, dres, x, mean, rstd, w, dx, p.rows, p.cols);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };

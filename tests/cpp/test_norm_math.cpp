@@ -21,6 +21,12 @@ TEST(NormMath, RowRstdClampsRoundingNoiseAndEmptyRows) {
   EXPECT_FLOAT_EQ(nm::row_rstd(0.0f, 0, 0.25f), 2.0f);
 }
 
+TEST(NormMath, RowRstdPropagatesNaN) {
+  // A row holding Inf or NaN has a NaN variance; it must not become 1/sqrt(eps).
+  EXPECT_TRUE(std::isnan(nm::row_rstd(std::nanf(""), 4, 1e-5f)));
+  EXPECT_TRUE(std::isnan(nm::row_rstd(std::nan(""), 4, 1e-5)));
+}
+
 TEST(NormMath, NormalizeAndAffine) {
   EXPECT_FLOAT_EQ(nm::normalize(5.0f, 3.0f, 0.5f), 1.0f);
   EXPECT_FLOAT_EQ(nm::affine(1.5f, 2.0f, -1.0f), 2.0f);

@@ -168,7 +168,9 @@ def _rms_norm_backward_fake(grad_output, grad_residual_out, input, normalized_sh
 
 # -------------------------------------------------------------------- autograd
 # Backward passes are operators too, so they run as one kernel per device and
-# trace under torch.compile. mean/rstd outputs are not differentiable.
+# trace under torch.compile. mean/rstd outputs are not differentiable. Grads
+# of unused outputs arrive as None rather than materialized zeros: each zeros
+# tensor would be one more kernel launch.
 
 
 def _grad_or_none(grad: Tensor, wanted: bool) -> Optional[Tensor]:
@@ -181,6 +183,7 @@ def _zero_size_param_grad(param: Optional[Tensor], wanted: bool) -> Optional[Ten
 
 
 def _setup_layer_norm(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
     input, normalized_shape, weight, bias, _ = inputs
     _, mean, rstd = output
     ctx.normalized_shape = normalized_shape
@@ -188,6 +191,7 @@ def _setup_layer_norm(ctx, inputs, output):
 
 
 def _setup_add_layer_norm(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
     _, _, normalized_shape, weight, bias, _ = inputs
     _, residual_out, mean, rstd = output
     ctx.normalized_shape = normalized_shape
@@ -196,6 +200,8 @@ def _setup_add_layer_norm(ctx, inputs, output):
 
 def _layer_norm_grads(ctx, grad_output, grad_residual_out, weight_index: int):
     x, mean, rstd, weight, bias = ctx.saved_tensors
+    if grad_output is None:  # only residual_out was used: it passes its gradient straight through
+        return grad_residual_out, None, None
     want_w = weight is not None and ctx.needs_input_grad[weight_index]
     want_b = bias is not None and ctx.needs_input_grad[weight_index + 1]
     gi, gw, gb = _ops.layer_norm_backward(
@@ -217,12 +223,14 @@ def _backward_add_layer_norm(ctx, grad_output, grad_residual_out, _grad_mean, _g
 
 
 def _setup_rms_norm(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
     input, normalized_shape, weight, _ = inputs
     ctx.normalized_shape = normalized_shape
     ctx.save_for_backward(input, output[1], weight)
 
 
 def _setup_add_rms_norm(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
     _, _, normalized_shape, weight, _ = inputs
     _, residual_out, rstd = output
     ctx.normalized_shape = normalized_shape
@@ -231,6 +239,8 @@ def _setup_add_rms_norm(ctx, inputs, output):
 
 def _rms_norm_grads(ctx, grad_output, grad_residual_out, weight_index: int):
     x, rstd, weight = ctx.saved_tensors
+    if grad_output is None:  # only residual_out was used: it passes its gradient straight through
+        return grad_residual_out, None
     want_w = weight is not None and ctx.needs_input_grad[weight_index]
     gi, gw = _ops.rms_norm_backward(grad_output, grad_residual_out, x, ctx.normalized_shape, rstd, weight, want_w)
     gw = _grad_or_none(gw, want_w) if gw.numel() else _zero_size_param_grad(weight, want_w)
