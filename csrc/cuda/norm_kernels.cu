@@ -3,10 +3,11 @@
 // allocation are norm.h's, shared with the CPU registration.
 //
 // Forward and input-gradient kernels give one block to one row and accumulate
-// in fp32 (fp64 for double). Rows are read with 16-byte vector loads when every
-// row pointer is aligned and the row length is a multiple of the vector width;
-// otherwise element by element. Weight/bias gradients use a two-stage
-// reduction: per-tile partial sums over row groups, then a sum over groups.
+// in fp32 (fp64 for double). Rows are read with 16-byte vector loads over their
+// aligned body, with scalar heads and tails (row_split.h), whenever the base
+// pointers are 16-byte aligned; otherwise element by element. Weight/bias
+// gradients use a two-stage reduction: per-tile partial sums over row groups,
+// then a sum over groups.
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -23,6 +24,7 @@
 #include "dispatch.h"
 #include "norm.h"
 #include "norm_math.h"
+#include "row_split.h"
 
 namespace torch_wsl {
 
@@ -87,11 +89,30 @@ __device__ __forceinline__ void load_row(const scalar_t* __restrict__ x, const s
 
 constexpr int kMaxRowThreads = 256;
 
+template <int N>
+using Width = std::integral_constant<int, N>;
+
+// Calls body(Width<W>{}, i) for every element group of a row that starts at
+// flat index `off`: VEC-wide groups over the aligned body, single elements
+// over the head and tail. Every pass of a kernel walks the row the same way,
+// so each thread touches the same elements in every pass.
+template <int VEC, typename Body>
+__device__ __forceinline__ void for_row(int64_t off, int64_t cols, Body&& body) {
+  const RowSplit split = split_row<VEC>(off, cols);
+  for (int64_t i = threadIdx.x; i < split.head_end; i += blockDim.x) body(Width<1>{}, i);
+  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
+  for (int64_t i = split.head_end + static_cast<int64_t>(threadIdx.x) * VEC; i < split.body_end; i += step) {
+    body(Width<VEC>{}, i);
+  }
+  for (int64_t i = split.body_end + threadIdx.x; i < cols; i += blockDim.x) body(Width<1>{}, i);
+}
+
 // One block per row (grid-striding when there are more rows than blocks).
 // Pass 1 forms the row, stores residual_out when fused, and sums the row
 // (LayerNorm) or its squares (RMSNorm); LayerNorm's pass 2 sums squared
 // deviations; the last pass writes the output. Later passes re-read the row,
-// mostly from L2.
+// mostly from L2. VEC is the vector width when every base pointer is 16-byte
+// aligned, else 1.
 template <typename scalar_t, typename param_t, int VEC, bool kCenter>
 __global__ void __launch_bounds__(kMaxRowThreads)
     norm_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
@@ -101,21 +122,20 @@ __global__ void __launch_bounds__(kMaxRowThreads)
                         typename AccType<scalar_t>::type eps) {
   using acc_t = typename AccType<scalar_t>::type;
   __shared__ acc_t shared[64];
-  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
-  const int64_t first = static_cast<int64_t>(threadIdx.x) * VEC;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t off = row * cols;
     acc_t stat = 0, unused = 0;
-    for (int64_t i = first; i < cols; i += step) {
-      scalar_t v[VEC];
-      load_row<VEC>(x, res, off + i, v);
-      if (res != nullptr) store_vec<VEC>(res_out + off + i, v);
+    for_row<VEC>(off, cols, [&](auto width, int64_t i) {
+      constexpr int W = decltype(width)::value;
+      scalar_t v[W];
+      load_row<W>(x, res, off + i, v);
+      if (res != nullptr) store_vec<W>(res_out + off + i, v);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
+      for (int k = 0; k < W; ++k) {
         const acc_t a = static_cast<acc_t>(v[k]);
         stat += kCenter ? a : a * a;
       }
-    }
+    });
     block_sum2(stat, unused, shared);
     acc_t mean = 0;
     acc_t sum_sq = stat;
@@ -123,15 +143,16 @@ __global__ void __launch_bounds__(kMaxRowThreads)
       mean = cols > 0 ? stat / static_cast<acc_t>(cols) : acc_t(0);
       sum_sq = 0;
       unused = 0;
-      for (int64_t i = first; i < cols; i += step) {
-        scalar_t v[VEC];
-        load_row<VEC>(x, res, off + i, v);
+      for_row<VEC>(off, cols, [&](auto width, int64_t i) {
+        constexpr int W = decltype(width)::value;
+        scalar_t v[W];
+        load_row<W>(x, res, off + i, v);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
+        for (int k = 0; k < W; ++k) {
           const acc_t d = static_cast<acc_t>(v[k]) - mean;
           sum_sq += d * d;
         }
-      }
+      });
       block_sum2(sum_sq, unused, shared);
     }
     const acc_t rstd = nm::row_rstd(sum_sq, cols, eps);
@@ -140,16 +161,17 @@ __global__ void __launch_bounds__(kMaxRowThreads)
       rstd_out[row] = rstd;
     }
 
-    for (int64_t i = first; i < cols; i += step) {
-      scalar_t v[VEC];
-      load_row<VEC>(x, res, off + i, v);
+    for_row<VEC>(off, cols, [&](auto width, int64_t i) {
+      constexpr int W = decltype(width)::value;
+      scalar_t v[W];
+      load_row<W>(x, res, off + i, v);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
+      for (int k = 0; k < W; ++k) {
         const acc_t xhat = nm::normalize(static_cast<acc_t>(v[k]), mean, rstd);
         v[k] = static_cast<scalar_t>(nm::affine(xhat, param_or(w, i + k, acc_t(1)), param_or(b, i + k, acc_t(0))));
       }
-      store_vec<VEC>(y + off + i, v);
-    }
+      store_vec<W>(y + off + i, v);
+    });
   }
 }
 
@@ -163,8 +185,6 @@ __global__ void __launch_bounds__(kMaxRowThreads)
                                const param_t* __restrict__ w, scalar_t* __restrict__ dx, int64_t rows, int64_t cols) {
   using acc_t = typename AccType<scalar_t>::type;
   __shared__ acc_t shared[64];
-  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
-  const int64_t first = static_cast<int64_t>(threadIdx.x) * VEC;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(cols);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t off = row * cols;
@@ -172,36 +192,38 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     const acc_t rstd = rstd_in[row];
 
     acc_t sum_gw = 0, sum_gw_xhat = 0;
-    for (int64_t i = first; i < cols; i += step) {
-      scalar_t xv[VEC], gv[VEC];
-      load_vec<VEC>(x + off + i, xv);
-      load_vec<VEC>(dy + off + i, gv);
+    for_row<VEC>(off, cols, [&](auto width, int64_t i) {
+      constexpr int W = decltype(width)::value;
+      scalar_t xv[W], gv[W];
+      load_vec<W>(x + off + i, xv);
+      load_vec<W>(dy + off + i, gv);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
+      for (int k = 0; k < W; ++k) {
         const acc_t gw = static_cast<acc_t>(gv[k]) * param_or(w, i + k, acc_t(1));
         sum_gw += gw;
         sum_gw_xhat += gw * nm::normalize(static_cast<acc_t>(xv[k]), mean, rstd);
       }
-    }
+    });
     block_sum2(sum_gw, sum_gw_xhat, shared);
     const acc_t mean_gw = mean_in != nullptr ? sum_gw * inv_n : acc_t(0);
     const acc_t mean_gw_xhat = sum_gw_xhat * inv_n;
 
-    for (int64_t i = first; i < cols; i += step) {
-      scalar_t xv[VEC], gv[VEC], pass[VEC];
-      load_vec<VEC>(x + off + i, xv);
-      load_vec<VEC>(dy + off + i, gv);
-      if (dres != nullptr) load_vec<VEC>(dres + off + i, pass);
+    for_row<VEC>(off, cols, [&](auto width, int64_t i) {
+      constexpr int W = decltype(width)::value;
+      scalar_t xv[W], gv[W], pass[W];
+      load_vec<W>(x + off + i, xv);
+      load_vec<W>(dy + off + i, gv);
+      if (dres != nullptr) load_vec<W>(dres + off + i, pass);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
+      for (int k = 0; k < W; ++k) {
         const acc_t gw = static_cast<acc_t>(gv[k]) * param_or(w, i + k, acc_t(1));
         const acc_t xhat = nm::normalize(static_cast<acc_t>(xv[k]), mean, rstd);
         acc_t g = nm::grad_input(gw, xhat, rstd, mean_gw, mean_gw_xhat);
         if (dres != nullptr) g += static_cast<acc_t>(pass[k]);
         gv[k] = static_cast<scalar_t>(g);
       }
-      store_vec<VEC>(dx + off + i, gv);
-    }
+      store_vec<W>(dx + off + i, gv);
+    });
   }
 }
 
@@ -256,16 +278,14 @@ __global__ void sum_groups_kernel(const acc_t* __restrict__ partial, acc_t* __re
   out[col] = s;
 }
 
-bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
+// 16-byte vectors when every base pointer is 16-byte aligned (rows then
+// split into a scalar head, vector body and scalar tail); else scalar.
 template <typename scalar_t>
-int vector_width(int64_t cols, std::initializer_list<const void*> ptrs) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  if (cols % kVec != 0) return 1;
+int vector_width(std::initializer_list<const void*> ptrs) {
   for (const void* p : ptrs) {
-    if (!aligned16(p)) return 1;
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
   }
-  return kVec;
+  return 16 / sizeof(scalar_t);
 }
 
 // Threads per row-block: enough to cover the row once with vectors, in whole
@@ -313,7 +333,7 @@ struct CudaNormBackend {
         scalar_t* res_out = p.residual_out.defined() ? p.residual_out.mutable_data_ptr<scalar_t>() : nullptr;
         acc_t* mean = p.mean.defined() ? p.mean.mutable_data_ptr<acc_t>() : nullptr;
         acc_t* rstd = p.rstd.mutable_data_ptr<acc_t>();
-        const int vec = vector_width<scalar_t>(p.cols, {x, res, y, res_out});
+        const int vec = vector_width<scalar_t>({x, res, y, res_out});
         const int threads = row_threads(p.cols, vec);
         const unsigned grid = row_blocks(p.rows);
         const param_t* w = ptr_or_null<param_t>(p.weight);
@@ -367,7 +387,7 @@ struct CudaNormBackend {
       auto launch_input = [&](auto param_tag) {
         using param_t = decltype(param_tag);
         const param_t* w = ptr_or_null<param_t>(p.weight);
-        const int vec = vector_width<scalar_t>(p.cols, {dy, dres, x, dx});
+        const int vec = vector_width<scalar_t>({dy, dres, x, dx});
         const int threads = row_threads(p.cols, vec);
         const unsigned grid = row_blocks(p.rows);
         constexpr int kVec = 16 / sizeof(scalar_t);

@@ -42,3 +42,26 @@ TEST(NormMath, GradInputOfAConstantRowIsZero) {
   // One element: xhat = 0 and gw equals its own mean, so nothing flows back.
   EXPECT_DOUBLE_EQ(nm::grad_input(0.9, 0.0, 316.0, 0.9, 0.0), 0.0);
 }
+
+#include "row_split.h"
+
+// The CUDA row kernels' split of a row into scalar head, aligned vector body
+// and scalar tail: every element covered once, every body vector aligned.
+TEST(RowSplit, CoversTheRowExactlyWithAlignedBody) {
+  constexpr int kVec = 8;
+  for (int64_t start : {0, 1, 5, 7, 8, 13, 4096, 4099}) {
+    for (int64_t cols : {0, 1, 3, 7, 8, 9, 15, 16, 17, 769, 5125}) {
+      const auto s = torch_wsl::split_row<kVec>(start, cols);
+      ASSERT_LE(0, s.head_end);
+      ASSERT_LE(s.head_end, s.body_end);
+      ASSERT_LE(s.body_end, cols);
+      ASSERT_LT(s.head_end, kVec) << "head longer than one vector";
+      ASSERT_EQ((s.body_end - s.head_end) % kVec, 0);
+      ASSERT_LT(cols - s.body_end, kVec + (s.head_end == cols ? cols : 0)) << "tail longer than one vector";
+      if (s.body_end > s.head_end) ASSERT_EQ((start + s.head_end) % kVec, 0) << "body not aligned";
+    }
+  }
+  const auto scalar = torch_wsl::split_row<1>(3, 10);
+  EXPECT_EQ(scalar.head_end, 0);
+  EXPECT_EQ(scalar.body_end, 10);
+}
