@@ -17,9 +17,12 @@ from pathlib import Path
 # here), for every contender alike. This is what a caching allocator gives a
 # training loop in its steady state. `--allocator system` measures without it.
 _WARM_HEAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_TOP_PAD_": str(1 << 26)}
+# numpy (imported by torch) starts OpenBLAS worker threads that nothing here
+# uses; on a 2-core machine they only compete with the kernels measured.
+_QUIET_THREADS = {"OPENBLAS_NUM_THREADS": "1"}
 if __name__ == "__main__" and "--allocator=system" not in sys.argv and "TORCH_WSL_BENCH_REEXEC" not in os.environ:
     if not ("--allocator" in sys.argv and sys.argv[sys.argv.index("--allocator") + 1 :][:1] == ["system"]):
-        os.environ.update(_WARM_HEAP, TORCH_WSL_BENCH_REEXEC="1")
+        os.environ.update(_WARM_HEAP, **_QUIET_THREADS, TORCH_WSL_BENCH_REEXEC="1")
         os.execv(sys.executable, [sys.executable, "-m", "benchmarks", *sys.argv[1:]])
 
 import torch  # noqa: E402

@@ -33,6 +33,10 @@ class Contender:
     name: str
     fn: Callable[[], object]
     launches: Optional[Callable[[], int]] = None
+    # Peak memory is tracked with a TorchDispatchMode, under which
+    # torch.compile will not run compiled code: compiled contenders report
+    # no CPU peak (CUDA's allocator statistics work for every contender).
+    dispatch_mode_ok: bool = True
 
 
 @dataclass
@@ -238,7 +242,7 @@ def run_case(case: Case, roofline_gbps: float, warmup: int, reps: int, min_secon
             ops, names = c.launches(), {}
         else:
             ops, names = count_dispatched_ops(c.fn)
-        mem = peak_memory(c.fn, case.device)
+        mem = peak_memory(c.fn, case.device) if (c.dispatch_mode_ok or case.device != "cpu") else None
         times = time_calls(c.fn, case.device, warmup, reps, min_seconds)
         q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
         med = statistics.median(times)

@@ -118,7 +118,9 @@ def _case(op, m, n, dname, dtype, mode, device, with_compile) -> Case:
                 return None
             return call()
 
-        contenders.append(Contender("compile", first_then_call, launches=lambda: state["kernels"]))
+        contenders.append(
+            Contender("compile", first_then_call, launches=lambda: state["kernels"], dispatch_mode_ok=False)
+        )
     return Case(
         suite="norm",
         op=op,

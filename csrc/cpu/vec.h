@@ -23,6 +23,9 @@ struct Scalar {
   void store(T* p) const { *p = static_cast<T>(v); }
   template <typename T>
   void store_stream(T* p) const { store(p); }
+  // The value rounded to T and back: what storing to T and reloading gives.
+  template <typename T>
+  Scalar rounded() const { return {static_cast<acc_t>(static_cast<T>(v))}; }
   Scalar operator+(Scalar b) const { return {v + b.v}; }
   Scalar operator-(Scalar b) const { return {v - b.v}; }
   Scalar operator*(Scalar b) const { return {v * b.v}; }
@@ -44,12 +47,25 @@ struct VecF {
     return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
   }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
-  void store(c10::BFloat16* p) const {
+  // bf16 bits (round to nearest even, NaN kept) in the low half of each lane.
+  __m512i bf16_bits() const {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7fc0));
+  }
+  void store(c10::BFloat16* p) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits()));
+  }
+  template <typename T>
+  VecF rounded() const {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      return {_mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(), 16))};
+    } else if constexpr (std::is_same_v<T, c10::Half>) {
+      return {_mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))};
+    } else {
+      return *this;
+    }
   }
   void store(c10::Half* p) const {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -83,13 +99,27 @@ struct VecF {
   }
   static VecF load(const c10::Half* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
-  void store(c10::BFloat16* p) const {
+  // bf16 bits (round to nearest even, NaN kept) in the low half of each lane.
+  __m256i bf16_bits() const {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  }
+  void store(c10::BFloat16* p) const {
+    const __m256i r = bf16_bits();
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                      _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  }
+  template <typename T>
+  VecF rounded() const {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      return {_mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(), 16))};
+    } else if constexpr (std::is_same_v<T, c10::Half>) {
+      return {_mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))};
+    } else {
+      return *this;
+    }
   }
   void store(c10::Half* p) const {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
