@@ -12,31 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from env_fixtures import FIXTURES, fx, variant
 from torch_wsl import env as E
 from torch_wsl.__main__ import main
 from torch_wsl.env import _fs
 
-FIXTURES = Path(__file__).parent / "fixtures" / "env"
 
-
-def fx(name: str, environ: dict | None = None) -> E.Env:
-    return E.Env(FIXTURES / name, environ)
-
-
-def variant(tmp_path: Path, base: str, files: dict | None = None, remove: tuple = (), torch_facts: dict | None = None) -> E.Env:
-    """A copy of fixture ``base`` with files replaced/added/removed and torch facts updated."""
-    root = tmp_path / base
-    shutil.copytree(FIXTURES / base, root, symlinks=True)
-    for rel in remove:
-        (root / rel).unlink()
-    for rel, content in (files or {}).items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(content) if isinstance(content, dict) else content)
-    if torch_facts:
-        tj = root / "_fixture" / "torch.json"
-        tj.write_text(json.dumps({**json.loads(tj.read_text()), **torch_facts}))
-    return E.Env(root)
 
 
 def two_gpu_nvidia_smi() -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,36 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from env_fixtures import FIXTURES, fx, variant
 from torch_wsl import env as E
 from torch_wsl.env import _fs
 from torch_wsl.env.gpu import probe_pinned_ceiling, probe_vmm
 from torch_wsl.env.probes import parse_alloc_conf, parse_size
 
-FIXTURES = Path(__file__).parent / "fixtures" / "env"
 GiB = 1 << 30
 MiB = 1 << 20
 
-
-def fx(name: str, environ: dict | None = None) -> E.Env:
-    return E.Env(FIXTURES / name, environ)
-
-
-def variant(tmp_path: Path, base: str, files: dict | None = None, remove: tuple = (), torch_facts: dict | None = None) -> E.Env:
-    """A copy of fixture ``base`` with files replaced/added/removed and torch facts updated."""
-    root = tmp_path / base
-    shutil.copytree(FIXTURES / base, root, symlinks=True)
-    for rel in remove:
-        (root / rel).unlink()
-    for rel, content in (files or {}).items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(content) if isinstance(content, dict) else content)
-    if torch_facts:
-        tj = root / "_fixture" / "torch.json"
-        data = json.loads(tj.read_text())
-        data.update(torch_facts)
-        tj.write_text(json.dumps(data))
-    return E.Env(root)
 
 
 def two_gpu_nvidia_smi() -> str:

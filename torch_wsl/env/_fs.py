@@ -205,27 +205,20 @@ class Env:
 
     def exists(self, path: str) -> bool | None:
         """True/False, or None when it cannot be told (permission denied, I/O error)."""
-        try:
-            os.stat(self.path(path))
-            return True
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        except OSError:
-            return None
-        except ValueError:
-            return False
+        return self._stat_ok(os.stat, path)
 
     def lexists(self, path: str) -> bool | None:
         """Like :meth:`exists`, but a dangling symlink counts as present."""
+        return self._stat_ok(os.lstat, path)
+
+    def _stat_ok(self, stat, path: str) -> bool | None:
         try:
-            os.lstat(self.path(path))
+            stat(self.path(path))
             return True
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, ValueError):
             return False
         except OSError:
             return None
-        except ValueError:
-            return False
 
     def listdir(self, path: str) -> list[str] | None:
         """Sorted entries of a directory, or None when it cannot be listed."""
