@@ -185,9 +185,11 @@ struct CpuNormBackend {
 
   static void backward(NormBackward& p) {
     const at::ScalarType acc = norm_acc_type(p.input.scalar_type());
-    if (p.grad_weight.defined()) p.grad_weight.zero_();
-    if (p.grad_bias.defined()) p.grad_bias.zero_();
-    if (p.rows == 0 || p.cols == 0) return;
+    if (p.rows == 0 || p.cols == 0) {  // the kernel writes every gradient element otherwise
+      if (p.grad_weight.defined()) p.grad_weight.zero_();
+      if (p.grad_bias.defined()) p.grad_bias.zero_();
+      return;
+    }
     const Tensor weight = to_acc(p.weight, acc);
     cpu::NormBackwardArgs a;
     a.grad_output = p.grad_output.const_data_ptr();
