@@ -396,6 +396,25 @@ def test_build_info():
         assert info["cuda_version"] is None
 
 
+def test_import_under_another_torch_fails_cleanly(tmp_path):
+    """A build for another torch: `import torch_wsl` raises ImportError naming both versions; no crash."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(torch_wsl.__file__).parent
+    copy = tmp_path / "torch_wsl"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "_build_config.py").write_text('TORCH_VERSION = "2.0.0+cu118"\nWITH_CUDA = True\nCUDA_ARCHS = "8.6"\n')
+    code = "import torch_wsl"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr  # an exception, not a signal
+    assert "ImportError: torch_wsl was built against torch 2.0.0+cu118" in proc.stderr
+    assert f"but torch {torch.__version__} is installed" in proc.stderr
+    assert "pip install --no-build-isolation" in proc.stderr
+
+
 def test_version_mismatch_is_a_clear_import_error():
     from torch_wsl._extension import check_torch_version
 
