@@ -385,6 +385,35 @@ def test_rms_norm_module_is_drop_in(affine):
     torch.testing.assert_close(ours(x), ref(x))
 
 
+def test_swap_norms_switches_a_model_in_place():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+        torch.nn.RMSNorm(32),
+        torch.nn.Linear(32, 8),
+    ).train()  # eval + no_grad would take the encoder's fused fast path, which bypasses its norm modules
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ref = model(x)
+        keys = list(model.state_dict())
+        assert torch_wsl.nn.swap_norms(model) is model
+        kinds = [type(m) for m in model.modules()]
+        assert torch.nn.LayerNorm not in kinds and torch_wsl.nn.LayerNorm in kinds and torch_wsl.nn.RMSNorm in kinds
+        assert list(model.state_dict()) == keys
+        seen = []
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Spy(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                seen.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        with Spy():
+            out = model(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert any("torch_wsl.layer_norm" in s for s in seen) and any("torch_wsl.rms_norm" in s for s in seen)
+
+
 def test_build_info():
     info = torch_wsl.build_info()
     assert info["torch_version"] == torch.__version__.split("+")[0]

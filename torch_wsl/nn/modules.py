@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import functional as F
 
-__all__ = ["LayerNorm", "RMSNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "swap_norms"]
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -37,3 +37,20 @@ class RMSNorm(torch.nn.RMSNorm):
         if residual is None:
             return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
         return F.add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps)
+
+
+_SWAPS = {torch.nn.LayerNorm: LayerNorm, torch.nn.RMSNorm: RMSNorm}
+
+
+def swap_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` in ``model`` to torch_wsl's kernels, in place.
+
+    Only modules whose class is exactly torch's are switched (subclasses may
+    override ``forward``). Parameters, buffers, hooks and ``state_dict`` keys
+    stay as they are: the modules only change class. Returns ``model``.
+    """
+    for module in model.modules():
+        swapped = _SWAPS.get(type(module))
+        if swapped is not None:
+            module.__class__ = swapped
+    return model
