@@ -480,6 +480,15 @@ void CachingAllocator::free(void* ptr) {
   release_locked(b);
 }
 
+bool CachingAllocator::try_free(void* ptr, std::size_t* requested) {
+  Lock lk(mutex_);
+  Block* b = ptr_map_.erase(reinterpret_cast<std::uintptr_t>(ptr));
+  if (b == nullptr) return false;
+  if (requested != nullptr) *requested = b->requested;
+  release_locked(b);
+  return true;
+}
+
 CachingAllocator& CachingAllocator::owner(const Block* handle) { return *handle->segment->owner; }
 void* CachingAllocator::address(const Block* handle) { return reinterpret_cast<void*>(handle->addr); }
 std::size_t CachingAllocator::requested_size(const Block* handle) { return handle->requested; }
@@ -552,6 +561,14 @@ void CachingAllocator::record_stream(void* ptr, StreamId stream) {
   record_stream_locked(b, stream);
 }
 
+bool CachingAllocator::try_record_stream(void* ptr, StreamId stream) {
+  Lock lk(mutex_);
+  Block* b = ptr_map_.find(reinterpret_cast<std::uintptr_t>(ptr));
+  if (b == nullptr) return false;
+  record_stream_locked(b, stream);
+  return true;
+}
+
 void CachingAllocator::record_stream(Block* handle, StreamId stream) {
   Lock lk(mutex_);
   record_stream_locked(handle, stream);
@@ -569,15 +586,21 @@ void CachingAllocator::process_events() {
 }
 
 void CachingAllocator::process_events_locked() {
-  std::size_t keep = 0;
-  for (std::size_t i = 0; i < pending_events_.size(); ++i) {
-    const PendingEvent pe = pending_events_[i];
-    if (backend_->query_event(pe.event)) {
-      backend_->release_event(pe.event);
-      if (--pe.block->pending_events == 0) free_block_locked(pe.block);
-    } else {
-      pending_events_[keep++] = pe;
+  std::size_t keep = 0, i = 0;
+  try {
+    for (; i < pending_events_.size(); ++i) {
+      const PendingEvent pe = pending_events_[i];
+      if (backend_->query_event(pe.event)) {
+        backend_->release_event(pe.event);
+        if (--pe.block->pending_events == 0) free_block_locked(pe.block);
+      } else {
+        pending_events_[keep++] = pe;
+      }
     }
+  } catch (...) {  // a driver error: keep the events not yet processed, then report it
+    pending_events_.erase(pending_events_.begin() + static_cast<std::ptrdiff_t>(keep),
+                          pending_events_.begin() + static_cast<std::ptrdiff_t>(i));
+    throw;
   }
   pending_events_.resize(keep);
 }

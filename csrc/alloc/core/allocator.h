@@ -124,7 +124,14 @@ class CachingAllocator final : public AllocatorInterface {
   // returns nullptr; free(nullptr) does nothing.
   void* malloc(std::size_t nbytes, StreamId stream = 0) override;
   void free(void* ptr) override;
+  // free() for a pointer that may belong to someone else: false (and
+  // nothing done) if it is not a live allocation of this allocator. On
+  // success `requested` gets the size that was asked for.
+  bool try_free(void* ptr, std::size_t* requested = nullptr);
   void record_stream(void* ptr, StreamId stream);
+  // The same for a pointer that may belong to someone else: false if it is
+  // not a live allocation of this allocator.
+  bool try_record_stream(void* ptr, StreamId stream);
 
   // Handle API (the CPU tensor allocator's deleter context): no pointer map.
   Allocation allocate(std::size_t nbytes, StreamId stream = 0);
