@@ -327,11 +327,11 @@ def test_pinned_backend_falls_back_to_pageable_with_one_warning():
     backend = torch_wsl._C._alloc.PinnedHostBackend(0)  # no pinned budget at all
     a = twm.CachingAllocator(backend)
     with pytest.warns(RuntimeWarning, match="falls back to pageable memory"):
-        p = a.malloc(1 * MiB)
-    ctypes.memset(p, 1, 1 * MiB)  # real memory
+        p = a.malloc(64 * KiB)  # a small-pool segment
+    ctypes.memset(p, 1, 64 * KiB)  # real memory
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        q = a.malloc(3 * MiB)  # no second warning
+        q = a.malloc(3 * MiB)  # a large-pool segment: no second warning
     counters = backend.counters()
     assert counters["pageable_segments"] == 2 and counters["pinned_segments"] == 0
     assert counters["budget_refusals"] == 2

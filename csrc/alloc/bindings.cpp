@@ -172,7 +172,7 @@ void init_bindings(py::module_& parent) {
       .def(py::init([](std::size_t alignment, bool huge_pages) {
              return std::make_shared<HostBackend>(HostConfig{alignment, huge_pages, 2 << 20});
            }),
-           py::arg("alignment") = 64, py::arg("huge_pages") = true)
+           py::arg("alignment") = 64, py::arg("huge_pages") = false)
       .def_property_readonly("alloc_calls", &HostBackend::alloc_calls)
       .def_property_readonly("free_calls", &HostBackend::free_calls);
 
@@ -273,7 +273,7 @@ void init_bindings(py::module_& parent) {
       [](const py::dict& policy, std::size_t alignment, bool huge_pages) {
         return cpu_enable(policy_from(policy), HostConfig{alignment, huge_pages, 2 << 20});
       },
-      py::arg("policy"), py::arg("alignment") = 64, py::arg("huge_pages") = true);
+      py::arg("policy"), py::arg("alignment") = 64, py::arg("huge_pages") = false);
   m.def("cpu_disable", &cpu_disable);
   m.def("cpu_current", &cpu_current);
   m.def("cpu_trace_start", &cpu_trace_start);

@@ -74,8 +74,8 @@ HAS_CUDA_ALLOCATOR: bool = bool(_A.has_cuda)
 #: its events; ``counters()`` counts calls. Addresses are fake: never dereference them.
 SimulatedBackend = _A.SimulatedBackend
 
-#: CPU memory: ``HostBackend(alignment=64, huge_pages=True)``; regions of 2 MiB
-#: or more are mmap'ed, 2 MiB-aligned, with MADV_HUGEPAGE.
+#: CPU memory: ``HostBackend(alignment=64, huge_pages=False)``; with
+#: ``huge_pages`` regions of 2 MiB or more are mmap'ed, 2 MiB-aligned, with MADV_HUGEPAGE.
 HostBackend = _A.HostBackend
 
 _Backend = _A.Backend
@@ -224,7 +224,7 @@ def enable(device: str = "cuda", **policy: Any) -> None:
     kind, _ = _device_kind(device)
     if kind == "cpu":
         core, extras = resolve_policy("cpu", policy)
-        _A.cpu_enable(core, int(extras.get("alignment", 64)), bool(extras.get("huge_pages", True)))
+        _A.cpu_enable(core, int(extras.get("alignment", 64)), bool(extras.get("huge_pages", False)))
         _enabled["cpu"] = True
         return
     if not HAS_CUDA_ALLOCATOR:

@@ -36,18 +36,26 @@
 
 namespace torch_wsl::alloc {
 
-// How the allocator rounds, pools and caps memory. The defaults are PyTorch's
-// CUDA caching allocator's (c10/cuda/CUDACachingAllocator.cpp).
+// How the allocator rounds, pools and caps memory.
+//
+// The structure is PyTorch's CUDA caching allocator's
+// (c10/cuda/CUDACachingAllocator.cpp); three defaults differ, chosen on
+// allocation traces of CPU training steps (GPT-2 and ResNet-50, the
+// benchmark's workloads) and checked on six held-out traces (other batch
+// sizes, ResNet-18, BERT): small_size 256 KiB (PyTorch: 1 MiB),
+// large_segment_size 12 MiB (20 MiB) and large_split_min 256 KiB (1 MiB).
+// Peak reserved / peak requested went from 1.11-1.24 to 1.05-1.23, never
+// worse by more than 0.013, with no backend call in the steady state either way.
 struct Policy {
   std::size_t min_block_size = 512;           // rounding quantum and block alignment (a power of two)
-  std::size_t small_size = 1 << 20;           // requests up to this use the small pool
+  std::size_t small_size = 256 << 10;         // requests up to this use the small pool
   std::size_t small_segment_size = 2 << 20;   // segment size of the small pool
-  std::size_t large_segment_size = 20 << 20;  // segment size for large requests below min_large_alloc
+  std::size_t large_segment_size = 12 << 20;  // segment size for large requests below min_large_alloc
   std::size_t min_large_alloc = 10 << 20;     // from here a request gets a segment of its own size...
   std::size_t large_round = 2 << 20;          // ...rounded up to a multiple of this
   int roundup_power2_divisions = 0;           // > 0: round large requests up to one of N steps per power of two
   std::size_t max_split_size = SIZE_MAX;      // cached blocks this large are never split ("oversize")
-  std::size_t large_split_min = 1 << 20;      // in the large pool, split only if more than this remains
+  std::size_t large_split_min = 256 << 10;    // in the large pool, split only if more than this remains
   std::size_t budget_bytes = 0;               // hard cap on reserved bytes; 0: none
   double budget_fraction = 0.0;               // cap as a fraction of the backend's free memory at start; 0: none
   std::size_t trace_capacity = 0;             // events kept in the trace ring; 0: no tracing

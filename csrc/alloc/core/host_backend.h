@@ -1,9 +1,11 @@
 // CPU host memory for the caching allocator that serves PyTorch's CPU tensors.
 //
-// Segments of huge_page_size or more are mapped directly (mmap), aligned to
-// huge_page_size and advised MADV_HUGEPAGE: with transparent huge pages in
-// "madvise" mode (the common default) a cached 20 MiB segment then costs 10
-// page faults instead of 5120, once. Smaller ones use posix_memalign.
+// Regions come from posix_memalign. With huge_pages (off by default),
+// regions of huge_page_size or more are mapped directly (mmap), aligned to
+// huge_page_size and advised MADV_HUGEPAGE: fewer TLB misses and page
+// faults, but in a VM whose memory the host backs lazily the first touch of
+// a huge page can cost far more than 512 small ones (measured ~5x per byte
+// in a Firecracker guest), so it is a policy to try, not a default.
 #pragma once
 
 #include <atomic>
@@ -16,7 +18,7 @@ namespace torch_wsl::alloc {
 
 struct HostConfig {
   std::size_t alignment = 64;                // of posix_memalign'ed regions (PyTorch's CPU alignment)
-  bool huge_pages = true;                    // mmap + MADV_HUGEPAGE for large regions
+  bool huge_pages = false;                   // mmap + MADV_HUGEPAGE for large regions
   std::size_t huge_page_size = 2 << 20;
 };
 

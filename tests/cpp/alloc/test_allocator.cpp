@@ -27,8 +27,18 @@ constexpr std::size_t MiB = 1 << 20;
 
 std::uintptr_t addr(void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 
+// The tests were written against PyTorch's pool sizes (1 MiB small requests,
+// 20 MiB segments, 1 MiB split remainder); the numbers in them follow from these.
+Policy pytorch_sizes() {
+  Policy p;
+  p.small_size = 1 << 20;
+  p.large_segment_size = 20 << 20;
+  p.large_split_min = 1 << 20;
+  return p;
+}
+
 struct Fixture {
-  explicit Fixture(Policy policy = {}, SimulatedConfig cfg = {})
+  explicit Fixture(Policy policy = pytorch_sizes(), SimulatedConfig cfg = {})
       : sim(std::make_shared<SimulatedBackend>(cfg)), alloc(sim, policy) {}
   std::int64_t stat(const std::string& key) const {
     for (const auto& [k, v] : alloc.stats().items())
@@ -62,7 +72,7 @@ TEST(AllocSizes, RoundingAndSegmentSizes) {
 }
 
 TEST(AllocSizes, PowerOfTwoDivisions) {
-  Policy p;
+  Policy p = pytorch_sizes();
   p.roundup_power2_divisions = 4;
   Fixture f(p);
   EXPECT_EQ(f.alloc.round_size(1 * MiB + 1), 1 * MiB + 256 * KiB);  // steps of 1/4 of 1 MiB
@@ -312,7 +322,7 @@ TEST(AllocOom, BackendFailureReleasesTheCacheAndRetries) {
 TEST(AllocOom, PaddedSegmentFallsBackToTheExactSize) {
   SimulatedConfig cfg;
   cfg.capacity = 16 * MiB;  // a 20 MiB segment cannot exist
-  Fixture f({}, cfg);
+  Fixture f(pytorch_sizes(), cfg);
   void* p = f.alloc.malloc(3 * MiB);
   ASSERT_NE(p, nullptr);
   EXPECT_EQ(f.alloc.snapshot()[0].size, 4 * MiB);  // rounded to large_round instead
@@ -323,7 +333,7 @@ TEST(AllocOom, PaddedSegmentFallsBackToTheExactSize) {
 TEST(AllocOom, RaisesWithStatisticsWhenEverythingFails) {
   SimulatedConfig cfg;
   cfg.capacity = 64 * MiB;
-  Fixture f({}, cfg);
+  Fixture f(pytorch_sizes(), cfg);
   void* a = f.alloc.malloc(30 * MiB);
   void* b = f.alloc.malloc(30 * MiB);
   try {
@@ -365,7 +375,7 @@ TEST(AllocOom, AbsurdRequestsRaiseWithoutBackendCalls) {
 // ------------------------------------------------------------------ budget
 
 TEST(AllocBudget, CapsReservedBytesAndFailsFast) {
-  Policy p;
+  Policy p = pytorch_sizes();
   p.budget_bytes = 48 * MiB;
   Fixture f(p);
   void* a = f.alloc.malloc(20 * MiB);
@@ -390,7 +400,7 @@ TEST(AllocBudget, CapsReservedBytesAndFailsFast) {
 }
 
 TEST(AllocBudget, BudgetPushesOutCachedSegmentsBeforeFailing) {
-  Policy p;
+  Policy p = pytorch_sizes();
   p.budget_bytes = 40 * MiB;
   Fixture f(p);
   void* a = f.alloc.malloc(30 * MiB);
@@ -403,7 +413,7 @@ TEST(AllocBudget, BudgetPushesOutCachedSegmentsBeforeFailing) {
 }
 
 TEST(AllocBudget, FractionOfFreeMemory) {
-  Policy p;
+  Policy p = pytorch_sizes();
   p.budget_fraction = 0.5;
   SimulatedConfig cfg;
   cfg.capacity = 100 * MiB;
@@ -449,7 +459,7 @@ TEST(AllocCache, MemoryStaysCachedUntilEmptyCache) {
 }
 
 TEST(AllocCache, OversizeBlocksAreNotSplitForSmallerRequests) {
-  Policy p;
+  Policy p = pytorch_sizes();
   p.max_split_size = 32 * MiB;
   Fixture f(p);
   void* big = f.alloc.malloc(40 * MiB);
@@ -500,7 +510,7 @@ TEST(AllocApi, PolicyValidation) {
   p.min_block_size = 500;
   EXPECT_THROW(p.validate(), std::invalid_argument);
   p = Policy{};
-  p.small_segment_size = 512 * KiB;
+  p.small_segment_size = 128 * KiB;  // below small_size
   EXPECT_THROW(p.validate(), std::invalid_argument);
   p = Policy{};
   p.budget_fraction = 1.5;
@@ -522,7 +532,7 @@ TEST(AllocApi, PolicyValidation) {
 }
 
 TEST(AllocApi, TraceKeepsTheNewestEntries) {
-  Policy p;
+  Policy p = pytorch_sizes();
   p.trace_capacity = 4;
   Fixture f(p);
   void* a = f.alloc.malloc(100);  // segment_alloc, alloc
@@ -546,7 +556,7 @@ TEST(AllocApi, TraceKeepsTheNewestEntries) {
 TEST(AllocStats, MatchAShadowModel) {
   // With large_split_min = 0 every block is exactly round_size(request), so
   // the model predicts allocated bytes without looking at the allocator.
-  Policy p;
+  Policy p = pytorch_sizes();
   p.large_split_min = 0;
   Fixture f(p);
   std::mt19937_64 rng(42);
@@ -698,7 +708,9 @@ TEST(AllocReplay, CachingMakesNoBackendCallsInTheSteadyState) {
 // ------------------------------------------------------------------ host backend
 
 TEST(AllocHost, RealMemoryIsAlignedAndWritable) {
-  auto host = std::make_shared<HostBackend>();
+  HostConfig cfg;
+  cfg.huge_pages = true;
+  auto host = std::make_shared<HostBackend>(cfg);
   CachingAllocator alloc(host, [] {
     Policy p;
     p.min_block_size = 64;
