@@ -419,3 +419,21 @@ def test_cuda_record_stream_and_pinned_dataloader():
     """)
     assert r.returncode == 0, r.stderr
     assert "GPU OK" in r.stdout
+
+
+# ---------------------------------------------------------------- the benchmark suite's arithmetic
+
+def test_alloc_benchmark_replay_rows_and_targets():
+    from benchmarks.suites import alloc
+
+    trace = _synthetic_trace(steps=4)
+    rows = alloc._replay_rows("synthetic", trace, call_us=2.0)
+    by = {r.contender: r for r in rows}
+    assert by["torch_wsl"].extra["backend_calls_per_steady_step"] == 0
+    assert by["no caching"].extra["backend_calls_per_steady_step"] == 14
+    # Every steady step of "no caching" busy-waits 14 calls x 2 us at least.
+    assert by["no caching"].median_ms >= 14 * 2.0 / 1000
+    s = alloc.summary(rows)
+    assert s["synthetic.backend_calls_per_steady_step"]["met"] is True
+    assert s["synthetic.fragmentation"]["value"] == by["torch_wsl"].extra["fragmentation"]
+    assert "targets:" in alloc.format_report(rows)

@@ -215,7 +215,11 @@ def enable(device: str = "cuda", **policy: Any) -> None:
     * ``"pinned"``: PyTorch's CUDA host allocator, so ``tensor.pin_memory()``,
       ``torch.empty(..., pin_memory=True)`` and ``DataLoader(pin_memory=True)``
       pin from the pool; ``budget`` (default ``recommended_settings().pinned_budget_bytes``)
-      is where it switches to pageable memory, with one warning.
+      is where it switches to pageable memory, with one warning; so does a
+      driver refusal. ``probe_ceiling`` (default: on WSL2 with a GPU and no
+      explicit budget) first measures the pinned ceiling in a subprocess
+      (:func:`torch_wsl.env.probe_pinned_ceiling`, a few seconds) and budgets
+      75% of it.
     * ``"cpu"``: CPU tensors (``c10::SetCPUAllocator``). Tensors allocated
       before keep being freed by the allocator that made them.
 
@@ -233,9 +237,17 @@ def enable(device: str = "cuda", **policy: Any) -> None:
 
     settings = recommended_settings()
     if kind == "pinned":
-        core, extras = resolve_policy("pinned", policy, defaults={"budget": settings.pinned_budget_bytes})
         if _A.pinned_pool_if_created() is not None and _enabled["pinned"]:
             return
+        probe = policy.pop("probe_ceiling", None)
+        if probe is None:  # WSL2's ceiling is low and driver-dependent: measure it there
+            probe = settings.platform == "wsl2" and torch.cuda.is_available() and "budget" not in policy
+        if probe:
+            from ..env import probe_pinned_ceiling
+
+            settings = recommended_settings(pinned=probe_pinned_ceiling())
+        core, extras = resolve_policy("pinned", policy, defaults={"budget": settings.pinned_budget_bytes})
+        extras.pop("probe_ceiling", None)
         _A.pinned_pool(core, extras["pinned_budget_bytes"])
         _A.pinned_install()
         _enabled["pinned"] = True

@@ -39,7 +39,7 @@ CORE_FIELDS = (
 EXTRA_FIELDS = {
     "cpu": ("budget", "alignment", "huge_pages"),
     "cuda": ("budget", "expandable_segments"),
-    "pinned": ("budget",),
+    "pinned": ("budget", "probe_ceiling"),
     "standalone": ("budget",),  # torch_wsl.memory.CachingAllocator: no environment
 }
 
