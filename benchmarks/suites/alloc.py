@@ -13,7 +13,8 @@
 2. Training steps. The same steps timed in a subprocess per allocator:
    PyTorch's default (glibc malloc with its default settings), jemalloc and
    tcmalloc (LD_PRELOAD, Debian's libjemalloc2 / libtcmalloc-minimal4; a
-   missing one is skipped) and torch_wsl.memory.enable("cpu"). Contenders are
+   missing one is skipped), torch_wsl.memory.enable("cpu"), and the last two
+   together (tensors from torch_wsl, every other malloc from tcmalloc). Contenders are
    interleaved over --alloc-rounds rounds; each reports the median of its
    timed steps, and the figure is the best round's median (noise from other
    processes only ever slows a round down).
@@ -45,7 +46,9 @@ PRELOADS = {
     "jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
     "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
 }
-CONTENDERS = ["default", "jemalloc", "tcmalloc", "torch_wsl"]
+#: "torch_wsl+tcmalloc": torch_wsl's allocator for tensors, tcmalloc for every other malloc
+#: (C++ objects, oneDNN's own buffers), which a tensor allocator cannot reach.
+CONTENDERS = ["default", "jemalloc", "tcmalloc", "torch_wsl", "torch_wsl+tcmalloc"]
 MODELS = ["gpt2", "resnet50"]
 TRACE_STEPS = 5  # recorded training steps: 2 of warm-up, 3 steady
 WARMUP_STEPS = 2  # the optimizer's state appears in step 1: step 2 is the first steady one
@@ -128,17 +131,18 @@ def _contender_env(name: str) -> dict[str, str] | None:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "TORCH_WSL_BENCH_REEXEC")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    if name in PRELOADS:
-        if not Path(PRELOADS[name]).exists():
+    preload = PRELOADS.get(name.split("+")[-1])
+    if preload:
+        if not Path(preload).exists():
             return None
-        env["LD_PRELOAD"] = PRELOADS[name]
+        env["LD_PRELOAD"] = preload
     return env
 
 
 def _run_worker(name: str, model: str, steps: int, warmup: int, env: dict) -> list[float]:
     cmd = [sys.executable, "-m", "benchmarks.suites.alloc_models", "--model", model,
            "--steps", str(steps), "--warmup", str(warmup)]
-    if name == "torch_wsl":
+    if name.startswith("torch_wsl"):
         cmd.append("--torch-wsl")
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
@@ -152,8 +156,9 @@ def _train_rows(args) -> list[Result]:
     contenders = [c for c in args.alloc_contenders if c in CONTENDERS]
     envs = {c: _contender_env(c) for c in contenders}
     for c in [c for c in contenders if envs[c] is None]:
-        print(f"alloc suite: {c} skipped ({PRELOADS[c]} not found; Debian package "
-              f"{'libjemalloc2' if c == 'jemalloc' else 'libtcmalloc-minimal4'})", flush=True)
+        lib = c.split("+")[-1]
+        print(f"alloc suite: {c} skipped ({PRELOADS[lib]} not found; Debian package "
+              f"{'libjemalloc2' if lib == 'jemalloc' else 'libtcmalloc-minimal4'})", flush=True)
     contenders = [c for c in contenders if envs[c] is not None]
     rounds: dict[tuple[str, str], list[list[float]]] = {}
     for r in range(args.alloc_rounds):
