@@ -245,7 +245,7 @@ def format_report(results: list[Result]) -> str:
             ours = next((x for x in train if x.op == r.op and x.contender == "torch_wsl"), None)
             sp = f"{r.median_ms / ours.median_ms:.2f}x" if ours and r is not ours else ""
             rounds = ", ".join(f"{m:.1f}" for m in r.extra["round_medians_ms"])
-            lines.append(f"{r.op[6:]:10}{r.contender:12}{r.median_ms:>9.1f}   rounds [{rounds}]  {sp}")
+            lines.append(f"{r.op[6:]:10}{r.contender:20}{r.median_ms:>9.1f}   rounds [{rounds}]  {sp}")
     lines += ["", "targets:"]
     for key, v in summary(results).items():
         mark = "" if v["met"] is None else ("met" if v["met"] else "NOT met")
