@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine:
 #   ./dev.sh bench [harness args]   set everything up, run the benchmark harness (default workload)
-#   ./dev.sh test                   set everything up, run all tests (pytest + ctest); what CI runs
+#   ./dev.sh test                   set everything up, run all tests (pytest + ctest, and the
+#                                   allocator core under ASan+UBSan and its stress test under TSan); what CI runs
 #   ./dev.sh setup                  set everything up only
 # Setting up is idempotent: apt packages if missing, a venv in .venv with
 # requirements-dev.txt, the extension built in place (pip -e, with CUDA
@@ -16,9 +17,10 @@ PY="$VENV/bin/python"
 
 log() { printf '\n==> %s\n' "$*"; }
 
+# Packages every path needs, plus the ones named as arguments.
 ensure_apt_packages() {
   local missing=()
-  for pkg in libgtest-dev cmake; do
+  for pkg in libgtest-dev cmake "$@"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   [ ${#missing[@]} -eq 0 ] && return
@@ -56,8 +58,34 @@ build_cpp_tests() {
   cmake --build build -j "$(nproc)" >/dev/null
 }
 
+# The allocator core (csrc/alloc/core) has no torch inside, so its own small
+# test binary is built a second and third time with sanitizers: every core
+# test under AddressSanitizer + UndefinedBehaviorSanitizer, and the
+# multi-threaded stress test under ThreadSanitizer.
+sanitized_core_tests() {
+  local gen=()
+  command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
+  local dir
+  for dir in build-asan build-tsan; do
+    [ -f "$dir/CMakeCache.txt" ] && continue
+    local flag=-DTORCH_WSL_SANITIZE=ON
+    [ "$dir" = build-tsan ] && flag=-DTORCH_WSL_TSAN=ON
+    cmake -S . -B "$dir" "${gen[@]}" -DTORCH_WSL_CORE_ONLY=ON "$flag" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+  done
+  log "allocator core tests under AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/)"
+  cmake --build build-asan -j "$(nproc)" --target torch_wsl_alloc_tests >/dev/null
+  ctest --test-dir build-asan --output-on-failure
+  log "allocator stress test under ThreadSanitizer (build-tsan/)"
+  cmake --build build-tsan -j "$(nproc)" --target torch_wsl_alloc_tests >/dev/null
+  # TSan cannot start under the high mmap randomization of some kernels
+  # ("unexpected memory mapping"); running without ASLR avoids that.
+  local norand=()
+  setarch "$(uname -m)" -R true 2>/dev/null && norand=(setarch "$(uname -m)" -R)
+  TSAN_OPTIONS="halt_on_error=1" "${norand[@]}" build-tsan/torch_wsl_alloc_tests --gtest_filter='AllocStress.*'
+}
+
 setup() {
-  ensure_apt_packages
+  ensure_apt_packages "$@"
   ensure_venv
   build_extension
   build_cpp_tests
@@ -75,14 +103,16 @@ case "$cmd" in
     "$PY" -m pytest tests -q -rs "$@"
     log "ctest"
     ctest --test-dir build --output-on-failure
+    sanitized_core_tests
     ;;
   bench)
-    setup
+    # The allocator suite compares against jemalloc and tcmalloc (LD_PRELOAD).
+    setup libjemalloc2 libtcmalloc-minimal4
     log "benchmark harness (python -m benchmarks $*)"
     "$PY" -m benchmarks "$@"
     ;;
   *)
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
     [ "$cmd" = help ] || exit 2
     ;;
 esac

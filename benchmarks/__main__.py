@@ -55,6 +55,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="warm-heap (default): glibc keeps freed memory (no page faults per call); system: glibc defaults",
     )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latest.json")
+    for suite in SUITES.values():  # suite-specific options
+        if hasattr(suite, "add_args"):
+            suite.add_args(p)
     args = p.parse_args(argv)
     if args.quick:
         args.sizes = args.sizes or ["256x1024"]
@@ -82,19 +85,31 @@ def main(argv: list[str] | None = None) -> int:
         f"{roofline['best_gbps']:.1f} GB/s best, {roofline['median_gbps']:.1f} GB/s median"
     )
     all_cases = []
+    custom = []  # suites that measure through their own run(args) and print their own report
     for name in args.suite:
         suite = SUITES[name]
         for key, value in suite.DEFAULTS.items():
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
-        all_cases.extend(suite.cases(args))
+        if hasattr(suite, "run"):
+            custom.append(suite)
+        else:
+            all_cases.extend(suite.cases(args))
+
+    custom_results: list[harness.Result] = []
+    for suite in custom:
+        suite_results = suite.run(args)
+        custom_results.extend(suite_results)
+        print(suite.format_report(suite_results))
 
     results: list[harness.Result] = []
 
     def run(case):
         return harness.run_case(case, roofline["best_gbps"], args.warmup, args.reps, args.min_seconds)
 
-    if Console is not None:
+    if not all_cases:
+        pass
+    elif Console is not None:
         with Progress(transient=True) as progress:
             task = progress.add_task("benchmarking", total=len(all_cases))
             for case in all_cases:
@@ -115,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in harness.format_table(results):
             print(" | ".join(row))
 
+    results.extend(custom_results)
     harness.write_json(args.out, harness.machine_info(args.device), roofline, results, ["python", "-m", "benchmarks", *argv])
     print(f"wrote {args.out}")
     return 0

@@ -5,6 +5,7 @@
 
 #include <torch/headeronly/version.h>
 
+#include "alloc/python.h"
 #include "build_info.h"
 #include "cpu/bandwidth.h"
 #include "cpu/isa.h"
@@ -47,4 +48,5 @@ PYBIND11_MODULE(_C, m) {
       "STREAM-like triad a = b + s * c over n floats (the benchmark harness's roofline)");
   m.def("set_cpu_isa", &torch_wsl::cpu::set_cpu_isa, py::arg("name"),
         "Select the CPU kernels' ISA ('default', 'avx2', 'avx512'); returns the previous one.");
+  torch_wsl::alloc::init_bindings(m);
 }

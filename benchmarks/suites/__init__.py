@@ -1,5 +1,10 @@
-"""Benchmark suites: each module exposes `cases(args) -> Iterable[Case]` and `DEFAULTS`."""
+"""Benchmark suites: each module exposes `cases(args) -> Iterable[Case]` and `DEFAULTS`.
 
-from . import norm
+A suite may also define `add_args(parser)` (its own options), and `run(args)
+-> list[Result]` with `format_report(results) -> str` when it measures
+something other than per-call operator time (the allocator suite does).
+"""
 
-SUITES = {"norm": norm}
+from . import alloc, norm
+
+SUITES = {"norm": norm, "alloc": alloc}
