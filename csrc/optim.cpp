@@ -379,6 +379,19 @@ struct CpuOptimBackend {
   }
 };
 
+// Registered for the sparse dispatch keys, which a sparse gradient selects:
+// the argument checks then reject it with a message naming the tensor,
+// instead of the dispatcher's "could not run with arguments from SparseCPU".
+struct SparseRejectingBackend {
+  [[noreturn]] static void unreachable() {
+    TORCH_CHECK(false, "torch_wsl: optimizer operators do not support sparse tensors");
+  }
+  static void adam(AdamCall&) { unreachable(); }
+  static void sgd(SgdCall&) { unreachable(); }
+  static Tensor total_norm(NormCall&) { unreachable(); }
+  static void clip(ClipCall&) { unreachable(); }
+};
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(torch_wsl, m) {
@@ -418,5 +431,7 @@ TORCH_LIBRARY_FRAGMENT(torch_wsl, m) {
 }
 
 TORCH_LIBRARY_IMPL(torch_wsl, CPU, m) { register_optim_kernels<CpuOptimBackend>(m); }
+TORCH_LIBRARY_IMPL(torch_wsl, SparseCPU, m) { register_optim_kernels<SparseRejectingBackend>(m); }
+TORCH_LIBRARY_IMPL(torch_wsl, SparseCUDA, m) { register_optim_kernels<SparseRejectingBackend>(m); }
 
 }  // namespace torch_wsl
