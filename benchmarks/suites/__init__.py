@@ -1,5 +1,5 @@
 """Benchmark suites: each module exposes `cases(args) -> Iterable[Case]` and `DEFAULTS`."""
 
-from . import norm
+from . import norm, optim
 
-SUITES = {"norm": norm}
+SUITES = {"norm": norm, "optim": optim}
