@@ -28,6 +28,17 @@ def check_param_and_grad(opt: str, p: Tensor, g: Tensor, sparse_hint: str = "") 
         )
 
 
+def grad_is_ok(p: Tensor, g: Tensor) -> bool:
+    """The fast test of the step's hot loop; check_param_and_grad says what is wrong."""
+    return (
+        g.dtype is p.dtype
+        and p.dtype in _FLOAT_DTYPES
+        and g.layout is torch.strided
+        and g.shape == p.shape
+        and g.device == p.device
+    )
+
+
 def check_state(opt: str, p: Tensor, key: str, t: Tensor) -> None:
     if t.device != p.device or t.dtype != p.dtype or t.shape != p.shape:
         raise RuntimeError(

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from ..ops import optim as ops
-from ._common import AmpScalars, as_float, by_device, check_param_and_grad, check_state, lr_arg
+from ._common import AmpScalars, as_float, by_device, check_param_and_grad, check_state, grad_is_ok, lr_arg
 
 __all__ = ["Adam", "AdamW"]
 
@@ -47,40 +47,54 @@ class _FusedAdamStep:
         # Check everything before anything is written: a bad group is an error, not half a step.
         plans = []
         creates_state = False
+        state = self.state
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
-            amsgrad = group["amsgrad"]
+            states: list = []
+            keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+            device = None
+            one_device = True
             for p in group["params"]:
                 g = p.grad
                 if g is None:
                     continue
-                check_param_and_grad(self._name, p, g, ", please consider SparseAdam instead")
-                st = self.state.get(p)
+                if not grad_is_ok(p, g):
+                    check_param_and_grad(self._name, p, g, ", please consider SparseAdam instead")
+                st = state.get(p)
                 if not st:
                     creates_state = True
+                    st = None
                 else:
-                    check_state(self._name, p, "exp_avg", st["exp_avg"])
-                    check_state(self._name, p, "exp_avg_sq", st["exp_avg_sq"])
-                    if amsgrad and "max_exp_avg_sq" in st:
-                        check_state(self._name, p, "max_exp_avg_sq", st["max_exp_avg_sq"])
+                    # load_state_dict casts state to the parameter's dtype and device; shapes are the user's.
+                    for key in keys:
+                        t = st.get(key)
+                        if t is not None and t.shape != p.shape:
+                            check_state(self._name, p, key, t)
+                if device is None:
+                    device = p.device
+                elif one_device and p.device != device:
+                    one_device = False
                 params.append(p)
                 grads.append(g)
+                states.append(st)
             if params:
-                plans.append((group, params, grads))
+                plans.append((group, params, grads, states, one_device))
         if creates_state and amp.step_is_skipped():
             return loss
-        for group, params, grads in plans:
-            self._fused_group_step(group, params, grads, amp)
+        for plan in plans:
+            self._fused_group_step(*plan, amp)
         return loss
 
-    def _fused_group_step(self, group: dict, params: list, grads: list, amp: AmpScalars) -> None:
+    def _fused_group_step(self, group: dict, params: list, grads: list, states: list, one_device: bool,
+                          amp: AmpScalars) -> None:
         amsgrad = group["amsgrad"]
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
-        for p in params:
-            st = self.state[p]
-            if len(st) == 0:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        f32 = torch.float32
+        for p, st in zip(params, states):
+            if st is None:
+                st = self.state[p]
+                st["step"] = torch.zeros((), dtype=f32, device=p.device)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad:
@@ -89,8 +103,8 @@ class _FusedAdamStep:
                 step = st["step"]
                 # A checkpoint of torch.optim's default mode keeps steps on the CPU (float64
                 # under a float64 default dtype): bring them to the device once.
-                if not isinstance(step, Tensor) or step.device != p.device or step.dtype != torch.float32:
-                    st["step"] = torch.as_tensor(step).to(device=p.device, dtype=torch.float32).reshape(())
+                if not isinstance(step, Tensor) or step.dtype is not f32 or step.device != p.device:
+                    st["step"] = torch.as_tensor(step).to(device=p.device, dtype=f32).reshape(())
                 if amsgrad and "max_exp_avg_sq" not in st:
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             exp_avgs.append(st["exp_avg"])
@@ -110,18 +124,18 @@ class _FusedAdamStep:
             maximize=group["maximize"],
             decoupled_weight_decay=group.get("decoupled_weight_decay", False),
         )
-        buckets = by_device(params)
+        lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+        buckets = {params[0].device: None} if one_device else by_device(params)
         for device, idx in buckets.items():
             grad_scale, found_inf = amp.on(device)
             dev_lr = lr
             if isinstance(lr, Tensor) and lr.device != device and lr.device.type != "cpu":
                 dev_lr = lr.to(device)
-            if len(buckets) == 1:
-                lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+            if idx is None:
+                dev_lists = lists
             else:
-                pick = lambda xs: [xs[i] for i in idx] if xs else []  # noqa: E731
-                lists = tuple(pick(xs) for xs in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps))
-            ops.adam_(*lists, lr=dev_lr, grad_scale=grad_scale, found_inf=found_inf, **kwargs)
+                dev_lists = tuple([xs[i] for i in idx] if xs else [] for xs in lists)
+            ops.adam_(*dev_lists, lr=dev_lr, grad_scale=grad_scale, found_inf=found_inf, **kwargs)
 
 
 def _reject_differentiable(name: str, differentiable: bool) -> None:

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from ..ops import optim as ops
-from ._common import AmpScalars, as_float, by_device, check_param_and_grad, check_state, lr_arg
+from ._common import AmpScalars, as_float, by_device, check_param_and_grad, check_state, grad_is_ok, lr_arg
 
 __all__ = ["SGD"]
 
@@ -66,33 +66,37 @@ class SGD(torch.optim.SGD):
 
         plans = []
         creates_state = False
+        state = self.state
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
+            bufs: list = []
             with_momentum = as_float(group["momentum"], "momentum") != 0
             for p in group["params"]:
                 g = p.grad
                 if g is None:
                     continue
-                check_param_and_grad(self._name, p, g)
+                if not grad_is_ok(p, g):
+                    check_param_and_grad(self._name, p, g)
                 if with_momentum:
-                    st = self.state.get(p)
+                    st = state.get(p)
                     buf = st.get("momentum_buffer") if st else None
                     if buf is None:
                         creates_state = True
-                    else:
+                    elif buf.shape != p.shape:
                         check_state(self._name, p, "momentum_buffer", buf)
+                    bufs.append(buf)
                 params.append(p)
                 grads.append(g)
             if params:
-                plans.append((group, params, grads))
+                plans.append((group, params, grads, bufs))
         if creates_state and amp.step_is_skipped():
             return loss
-        for group, params, grads in plans:
-            self._fused_group_step(group, params, grads, amp)
+        for plan in plans:
+            self._fused_group_step(*plan, amp)
         return loss
 
-    def _fused_group_step(self, group: dict, params: list, grads: list, amp: AmpScalars) -> None:
+    def _fused_group_step(self, group: dict, params: list, grads: list, bufs: list, amp: AmpScalars) -> None:
         momentum = as_float(group["momentum"], "momentum")
         kwargs = dict(
             weight_decay=as_float(group["weight_decay"], "weight_decay"),
@@ -102,35 +106,33 @@ class SGD(torch.optim.SGD):
             maximize=group["maximize"],
         )
         lr = lr_arg(group["lr"])
-        # (indices, is_first_step): parameters whose buffers exist, and those that get one now.
-        parts: list[tuple[list[int], bool]]
-        bufs: list = []
+        # (indices or None for all, is_first_step): parameters whose buffers exist, and those
+        # that get one now (from the gradient, inside the operator).
+        parts: list = [(None, False)]
         if momentum != 0:
-            new, old = [], []
-            for i, p in enumerate(params):
-                st = self.state[p]
-                buf = st.get("momentum_buffer")
-                if buf is None:
-                    buf = torch.empty_like(p, memory_format=torch.preserve_format)
-                    st["momentum_buffer"] = buf  # filled from the gradient by the operator below
-                    new.append(i)
-                else:
-                    old.append(i)
-                bufs.append(buf)
-            parts = [(ix, first) for ix, first in ((old, False), (new, True)) if ix]
-        else:
-            parts = [(list(range(len(params))), False)]
+            new = [i for i, b in enumerate(bufs) if b is None]
+            for i in new:
+                p = params[i]
+                bufs[i] = torch.empty_like(p, memory_format=torch.preserve_format)
+                self.state[p]["momentum_buffer"] = bufs[i]
+            if new:
+                old = [i for i, b in enumerate(bufs) if i not in set(new)]
+                parts = [(ix, first) for ix, first in ((old, False), (new, True)) if ix]
+                if len(new) == len(params):
+                    parts = [(None, True)]
 
         for idx, first in parts:
-            sub_params = [params[i] for i in idx] if len(idx) != len(params) else params
-            for device, dix in by_device(sub_params).items():
-                ps = [sub_params[i] for i in dix] if len(dix) != len(sub_params) else sub_params
-                members = [idx[i] for i in dix]
-                gs = [grads[i] for i in members]
-                bs = [bufs[i] for i in members] if bufs else []
+            ps = params if idx is None else [params[i] for i in idx]
+            gs = grads if idx is None else [grads[i] for i in idx]
+            bs = bufs if idx is None else [bufs[i] for i in idx]
+            for device, dix in by_device(ps).items():
+                if len(dix) != len(ps):
+                    dps, dgs, dbs = [ps[i] for i in dix], [gs[i] for i in dix], [bs[i] for i in dix] if bs else []
+                else:
+                    dps, dgs, dbs = ps, gs, bs
                 grad_scale, found_inf = amp.on(device)
                 dev_lr = lr
                 if isinstance(lr, Tensor) and lr.device != device and lr.device.type != "cpu":
                     dev_lr = lr.to(device)
-                ops.sgd_(ps, gs, bs, lr=dev_lr, is_first_step=first, grad_scale=grad_scale, found_inf=found_inf,
+                ops.sgd_(dps, dgs, dbs, lr=dev_lr, is_first_step=first, grad_scale=grad_scale, found_inf=found_inf,
                          **kwargs)
