@@ -4,8 +4,9 @@
 // functions only compute, on dense tensors given by data pointer and length.
 //
 // Every kernel makes one parallel pass over all tensors of a call: the tensors
-// are cut into chunks (multi_tensor_chunks), and at::parallel_for hands
-// contiguous runs of chunks to the threads; each chunk is one vectorized loop.
+// are cut into chunks (multi_tensor_chunks) that the threads of one
+// at::parallel_for region claim one after another; each chunk is one
+// vectorized loop.
 #pragma once
 
 #include <cstdint>

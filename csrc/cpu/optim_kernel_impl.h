@@ -30,11 +30,22 @@ void dispatch_storage(c10::ScalarType dtype, Fn&& fn) {
   }
 }
 
-// Runs fn(chunk) over all chunks, contiguous runs of chunks per thread.
+// Runs fn(index) for every chunk index: one parallel region, in which each
+// thread claims the next chunk from a shared counter. A thread slowed down by
+// something else on its core (the usual state of a desktop running WSL2) then
+// takes fewer chunks instead of holding everyone at the end, which a static
+// split of the chunks would do.
 template <typename Fn>
-void for_each_chunk(const std::vector<TensorChunk>& chunks, Fn&& fn) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) fn(chunks[static_cast<size_t>(c)]);
+void for_each_chunk(int64_t count, Fn&& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < count;
+           c = next.fetch_add(1, std::memory_order_relaxed)) {
+        fn(c);
+      }
+    }
   });
 }
 
@@ -151,7 +162,8 @@ void adam_step(const AdamArgs& args, const std::vector<TensorChunk>& chunks) {
   for (const AdamTensor& t : args.tensors) {
     scalars.push_back(om::adam_step_scalars(args.lr, args.beta1, args.beta2, t.step));
   }
-  for_each_chunk(chunks, [&](const TensorChunk& ch) {
+  for_each_chunk(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
+    const TensorChunk& ch = chunks[static_cast<size_t>(c)];
     const auto i = static_cast<size_t>(ch.index);
     const AdamTensor& t = args.tensors[i];
     dispatch_storage(t.dtype, [&](auto tag) {
@@ -161,7 +173,8 @@ void adam_step(const AdamArgs& args, const std::vector<TensorChunk>& chunks) {
 }
 
 void sgd_step(const SgdArgs& args, const std::vector<TensorChunk>& chunks) {
-  for_each_chunk(chunks, [&](const TensorChunk& ch) {
+  for_each_chunk(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
+    const TensorChunk& ch = chunks[static_cast<size_t>(c)];
     const SgdTensor& t = args.tensors[static_cast<size_t>(ch.index)];
     dispatch_storage(t.dtype, [&](auto tag) { sgd_chunk<decltype(tag)>(args, t, ch.begin, ch.end); });
   });
@@ -169,20 +182,19 @@ void sgd_step(const SgdArgs& args, const std::vector<TensorChunk>& chunks) {
 
 void norm_partials(const NormArgs& args, const std::vector<TensorChunk>& chunks, double* partials) {
   const auto ord = static_cast<om::NormOrder>(args.norm_order);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const TensorChunk& ch = chunks[static_cast<size_t>(c)];
-      const NormTensor& t = args.tensors[static_cast<size_t>(ch.index)];
-      dispatch_storage(t.dtype, [&](auto tag) {
-        using scalar_t = decltype(tag);
-        partials[c] = norm_chunk(static_cast<const scalar_t*>(t.data) + ch.begin, ch.end - ch.begin, ord);
-      });
-    }
+  for_each_chunk(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
+    const TensorChunk& ch = chunks[static_cast<size_t>(c)];
+    const NormTensor& t = args.tensors[static_cast<size_t>(ch.index)];
+    dispatch_storage(t.dtype, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      partials[c] = norm_chunk(static_cast<const scalar_t*>(t.data) + ch.begin, ch.end - ch.begin, ord);
+    });
   });
 }
 
 void scale_(const std::vector<ScaleTensor>& tensors, double coef, const std::vector<TensorChunk>& chunks) {
-  for_each_chunk(chunks, [&](const TensorChunk& ch) {
+  for_each_chunk(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
+    const TensorChunk& ch = chunks[static_cast<size_t>(c)];
     const ScaleTensor& t = tensors[static_cast<size_t>(ch.index)];
     dispatch_storage(t.dtype, [&](auto tag) {
       using scalar_t = decltype(tag);
