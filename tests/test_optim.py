@@ -712,3 +712,30 @@ def test_operator_traces_under_torch_compile():
     for a, b in zip(eager, compiled):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_large_step_runs_on_the_thread_pool(name):
+    """Enough elements that the CPU kernel splits the chunks among threads (the tests above stay serial)."""
+    assert torch.get_num_threads() >= 1
+    shapes = [(300_001,), (512, 700), (129,)]
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=g) for s in shapes]
+    ours_p = [p.clone().requires_grad_() for p in base]
+    ref_p = [p.clone().requires_grad_() for p in base]
+    kw = {"momentum": 0.9, "nesterov": True} if name == "SGD" else {"amsgrad": True}
+    ours = getattr(torch_wsl.optim, name)(ours_p, lr=1e-2, **kw)
+    ref = getattr(torch.optim, name)(ref_p, lr=1e-2, foreach=False, **kw)
+    for _ in range(4):
+        for a, b in zip(ours_p, ref_p):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        ours.step()
+        ref.step()
+    for a, b in zip(ours_p, ref_p):
+        torch.testing.assert_close(a, b, **TRAJ_TOL[torch.float32])
+    grads = [p.grad for p in ours_p]
+    exact = torch.sqrt(sum((t.double() ** 2).sum() for t in grads)).float()
+    ours_norm = torch_wsl.nn.utils.get_total_norm(grads)
+    torch.testing.assert_close(ours_norm, exact, rtol=2e-7, atol=0)  # float32 sums in blocks, then double
+    torch.testing.assert_close(ours_norm, torch.nn.utils.get_total_norm(grads), rtol=1e-5, atol=0)

@@ -30,15 +30,28 @@ void dispatch_storage(c10::ScalarType dtype, Fn&& fn) {
   }
 }
 
-// Runs fn(index) for every chunk index: one parallel region, in which each
+// Elements per thread below which a call stays on the calling thread: waking
+// the pool costs more than it saves, and a pool thread that is descheduled
+// (another process on its core) would stall even a tiny step.
+constexpr int64_t kMinElemsPerThread = int64_t{1} << 16;
+
+// Runs fn(c) for every chunk index c: one parallel region, in which each
 // thread claims the next chunk from a shared counter. A thread slowed down by
 // something else on its core (the usual state of a desktop running WSL2) then
 // takes fewer chunks instead of holding everyone at the end, which a static
 // split of the chunks would do.
 template <typename Fn>
-void for_each_chunk(int64_t count, Fn&& fn) {
+void for_each_chunk(const std::vector<TensorChunk>& chunks, Fn&& fn) {
+  const auto count = static_cast<int64_t>(chunks.size());
+  int64_t elems = 0;
+  for (const TensorChunk& ch : chunks) elems += ch.end - ch.begin;
+  const int64_t workers = std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), count, elems / kMinElemsPerThread}));
+  if (workers == 1) {
+    for (int64_t c = 0; c < count; ++c) fn(c);
+    return;
+  }
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < count;
@@ -162,7 +175,7 @@ void adam_step(const AdamArgs& args, const std::vector<TensorChunk>& chunks) {
   for (const AdamTensor& t : args.tensors) {
     scalars.push_back(om::adam_step_scalars(args.lr, args.beta1, args.beta2, t.step));
   }
-  for_each_chunk(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
+  for_each_chunk(chunks, [&](int64_t c) {
     const TensorChunk& ch = chunks[static_cast<size_t>(c)];
     const auto i = static_cast<size_t>(ch.index);
     const AdamTensor& t = args.tensors[i];
@@ -173,7 +186,7 @@ void adam_step(const AdamArgs& args, const std::vector<TensorChunk>& chunks) {
 }
 
 void sgd_step(const SgdArgs& args, const std::vector<TensorChunk>& chunks) {
-  for_each_chunk(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
+  for_each_chunk(chunks, [&](int64_t c) {
     const TensorChunk& ch = chunks[static_cast<size_t>(c)];
     const SgdTensor& t = args.tensors[static_cast<size_t>(ch.index)];
     dispatch_storage(t.dtype, [&](auto tag) { sgd_chunk<decltype(tag)>(args, t, ch.begin, ch.end); });
@@ -182,7 +195,7 @@ void sgd_step(const SgdArgs& args, const std::vector<TensorChunk>& chunks) {
 
 void norm_partials(const NormArgs& args, const std::vector<TensorChunk>& chunks, double* partials) {
   const auto ord = static_cast<om::NormOrder>(args.norm_order);
-  for_each_chunk(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
+  for_each_chunk(chunks, [&](int64_t c) {
     const TensorChunk& ch = chunks[static_cast<size_t>(c)];
     const NormTensor& t = args.tensors[static_cast<size_t>(ch.index)];
     dispatch_storage(t.dtype, [&](auto tag) {
@@ -193,7 +206,7 @@ void norm_partials(const NormArgs& args, const std::vector<TensorChunk>& chunks,
 }
 
 void scale_(const std::vector<ScaleTensor>& tensors, double coef, const std::vector<TensorChunk>& chunks) {
-  for_each_chunk(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
+  for_each_chunk(chunks, [&](int64_t c) {
     const TensorChunk& ch = chunks[static_cast<size_t>(c)];
     const ScaleTensor& t = tensors[static_cast<size_t>(ch.index)];
     dispatch_storage(t.dtype, [&](auto tag) {
