@@ -35,11 +35,42 @@ void dispatch_storage(c10::ScalarType dtype, Fn&& fn) {
 // (another process on its core) would stall even a tiny step.
 constexpr int64_t kMinElemsPerThread = int64_t{1} << 16;
 
-// Runs fn(c) for every chunk index c: one parallel region, in which each
-// thread claims the next chunk from a shared counter. A thread slowed down by
-// something else on its core (the usual state of a desktop running WSL2) then
-// takes fewer chunks instead of holding everyone at the end, which a static
-// split of the chunks would do.
+// A run of chunk indices [head, tail) that its owner takes from the front and
+// other threads from the back, in one atomic word.
+struct alignas(64) Range {
+  std::atomic<uint64_t> ht{0};  // head << 32 | tail
+  bool take_front(int64_t& out) {
+    uint64_t cur = ht.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t h = cur >> 32, t = cur & 0xffffffffu;
+      if (h >= t) return false;
+      if (ht.compare_exchange_weak(cur, ((h + 1) << 32) | t, std::memory_order_relaxed)) {
+        out = static_cast<int64_t>(h);
+        return true;
+      }
+    }
+  }
+  bool take_back(int64_t& out) {
+    uint64_t cur = ht.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t h = cur >> 32, t = cur & 0xffffffffu;
+      if (h >= t) return false;
+      if (ht.compare_exchange_weak(cur, (h << 32) | (t - 1), std::memory_order_relaxed)) {
+        out = static_cast<int64_t>(t - 1);
+        return true;
+      }
+    }
+  }
+};
+
+// Runs fn(c) for every chunk index c in one parallel region. Each thread owns
+// a contiguous run of chunks (one long stream through memory, as a static
+// split gives) and takes them from the front; a thread that runs out takes
+// the others' remaining chunks from the back. So a thread slowed down by
+// something else on its core (the usual state of a desktop running WSL2)
+// ends up with fewer chunks instead of holding everyone at the end. (Handing
+// out chunks round-robin from one counter balanced as well but measured ~12%
+// slower here: the threads then stream through neighbouring memory.)
 template <typename Fn>
 void for_each_chunk(const std::vector<TensorChunk>& chunks, Fn&& fn) {
   const auto count = static_cast<int64_t>(chunks.size());
@@ -51,15 +82,34 @@ void for_each_chunk(const std::vector<TensorChunk>& chunks, Fn&& fn) {
     for (int64_t c = 0; c < count; ++c) fn(c);
     return;
   }
-  std::atomic<int64_t> next{0};
+  std::vector<Range> ranges(static_cast<size_t>(workers));
+  for (int64_t w = 0; w < workers; ++w) {
+    const auto b = static_cast<uint64_t>(count * w / workers);
+    const auto t = static_cast<uint64_t>(count * (w + 1) / workers);
+    ranges[static_cast<size_t>(w)].ht.store((b << 32) | t, std::memory_order_relaxed);
+  }
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
-      for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < count;
-           c = next.fetch_add(1, std::memory_order_relaxed)) {
-        fn(c);
+      int64_t c = 0;
+      while (ranges[static_cast<size_t>(w)].take_front(c)) fn(c);
+      for (int64_t k = 1; k < workers; ++k) {
+        Range& r = ranges[static_cast<size_t>((w + k) % workers)];
+        while (r.take_back(c)) fn(c);
       }
     }
   });
+}
+
+// Software prefetch this far ahead in every stream of the optimizer loops
+// (AdamW fp32 at 124M parameters, 2 threads: ~3% faster than without; past
+// the end of a tensor it is a harmless hint).
+constexpr int64_t kPrefetchBytes = 2048;
+
+template <typename... T>
+inline void prefetch(int64_t i, const T*... ptrs) {
+#if TWSL_X86
+  (_mm_prefetch(reinterpret_cast<const char*>(ptrs + i), _MM_HINT_T0), ...);
+#endif
 }
 
 // ---------------------------------------------------------------------- Adam
@@ -76,8 +126,10 @@ void adam_chunk(const AdamArgs& a, const AdamTensor& t, const om::AdamStepScalar
   scalar_t* vmax = a.amsgrad ? static_cast<scalar_t*>(t.max_exp_avg_sq) + begin : nullptr;
   const bool unscale = a.unscale;
   const auto grad_scale = static_cast<acc_t>(a.grad_scale);
+  constexpr int64_t ahead = kPrefetchBytes / static_cast<int64_t>(sizeof(scalar_t));
   for_each_lane<acc_t>(end - begin, [&](auto tag, int64_t i) {
     using V = decltype(tag);
+    if constexpr (V::kLanes > 1) prefetch(ahead + i, p, g, m, v);
     V pv = V::load(p + i);
     V gv = V::load(g + i);
     if (unscale) {
@@ -108,8 +160,10 @@ void sgd_chunk(const SgdArgs& a, const SgdTensor& t, int64_t begin, int64_t end)
   const bool read_buf = buf != nullptr && !c.first_step;
   const bool unscale = a.unscale;
   const auto grad_scale = static_cast<acc_t>(a.grad_scale);
+  constexpr int64_t ahead = kPrefetchBytes / static_cast<int64_t>(sizeof(scalar_t));
   for_each_lane<acc_t>(end - begin, [&](auto tag, int64_t i) {
     using V = decltype(tag);
+    if constexpr (V::kLanes > 1) prefetch(ahead + i, p, g, read_buf ? buf : p);
     V pv = V::load(p + i);
     V gv = V::load(g + i);
     if (unscale) {
