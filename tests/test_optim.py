@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_wsl
-from conftest import DEVICES, TRAIN_DTYPES, cuda_only
+from conftest import DEVICES, HAS_CUDA_KERNELS, HAS_GPU, TRAIN_DTYPES, cuda_only
 
 # Odd sizes, several ranks, a one-element and an empty tensor.
 SHAPES = [(769,), (33, 17), (5,), (3, 5, 7), (1,), (0,), (130,)]
@@ -555,6 +555,20 @@ def test_bad_operator_input_names_the_argument_and_writes_nothing(over, kw, patt
 def test_differentiable_is_rejected():
     with pytest.raises(RuntimeError, match="differentiable"):
         torch_wsl.optim.AdamW([torch.zeros(1, requires_grad=True)], differentiable=True)
+
+
+def test_tensors_on_different_devices_are_rejected():
+    """One call takes one device's tensors (the optimizers call the operator once per device)."""
+    args = _adam_args()
+    args["exp_avgs"] = [args["exp_avgs"][0], args["exp_avgs"][1].to("meta")]
+    # A meta tensor in the lists selects the fake kernel, which checks devices as the real ones do.
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[1\] to be on the device of params\[0\] \(cpu\)"):
+        _call_adam(args)
+    if HAS_GPU and HAS_CUDA_KERNELS:
+        args = _adam_args()
+        args["grads"] = [args["grads"][0], args["grads"][1].cuda()]
+        with pytest.raises(RuntimeError, match=r"grads\[1\] to be on the device of params\[0\]"):
+            _call_adam(args)
 
 
 def test_fake_kernel_checks_lengths():

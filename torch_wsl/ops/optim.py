@@ -113,12 +113,28 @@ def _check_lengths(name: str, params, **lists) -> None:
         )
 
 
+def _check_devices(name: str, first, **lists) -> None:
+    if not first:
+        return
+    device = first[0].device
+    for list_name, tensors in lists.items():
+        for i, t in enumerate(tensors):
+            if t is not None:
+                torch._check(
+                    t.device == device,
+                    lambda: f"torch_wsl.{name}: expected {list_name}[{i}] to be on the device of params[0] "
+                    f"({device}), got {t.device}; a call takes the tensors of one device",
+                )
+
+
 def _adam_fake(name: str):
     def fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
              weight_decay, eps, amsgrad, maximize, grad_scale=None, found_inf=None):
         _check_lengths(name, params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps)
         if amsgrad:
             _check_lengths(name, params, max_exp_avg_sqs=max_exp_avg_sqs)
+        _check_devices(name, params, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                       max_exp_avg_sqs=max_exp_avg_sqs, state_steps=state_steps)
         return None
 
     return fake
@@ -134,6 +150,7 @@ def _sgd_fake(params, grads, momentum_buffers, *, weight_decay, momentum, lr, da
     _check_lengths("sgd_", params, grads=grads)
     if momentum != 0:
         _check_lengths("sgd_", params, momentum_buffers=momentum_buffers)
+    _check_devices("sgd_", params, params=params, grads=grads, momentum_buffers=momentum_buffers)
     return None
 
 
