@@ -753,3 +753,28 @@ def test_large_step_runs_on_the_thread_pool(name):
     ours_norm = torch_wsl.nn.utils.get_total_norm(grads)
     torch.testing.assert_close(ours_norm, exact, rtol=2e-7, atol=0)  # float32 sums in blocks, then double
     torch.testing.assert_close(ours_norm, torch.nn.utils.get_total_norm(grads), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_group_spanning_devices_takes_one_call_per_device(name):
+    """torch.optim steps a group whose parameters sit on several devices; so do these, one operator
+    call per device (a meta parameter stands in for a second device: its call runs the fake kernel)."""
+    kw = {"momentum": 0.9} if name == "SGD" else {}
+    g = torch.Generator().manual_seed(0)
+    cpu_a, cpu_c = torch.randn(9, generator=g), torch.randn(4, 3, generator=g)
+    ours_p = [cpu_a.clone().requires_grad_(), torch.zeros(5, device="meta", requires_grad=True),
+              cpu_c.clone().requires_grad_()]
+    ref_p = [cpu_a.clone().requires_grad_(), cpu_c.clone().requires_grad_()]
+    ours = getattr(torch_wsl.optim, name)(ours_p, lr=1e-2, **kw)
+    ref = getattr(torch.optim, name)(ref_p, lr=1e-2, foreach=False, **kw)
+    with _Count() as counter:
+        for _ in range(3):
+            grads = [torch.randn(p.shape, generator=g) for p in ref_p]
+            ours_p[0].grad, ours_p[2].grad = grads[0].clone(), grads[1].clone()
+            ours_p[1].grad = torch.zeros(5, device="meta")
+            ref_p[0].grad, ref_p[1].grad = grads
+            ours.step()
+            ref.step()
+    assert counter.ops.count({"AdamW": "torch_wsl.adamw_", "SGD": "torch_wsl.sgd_"}[name]) == 6  # 3 steps x 2 devices
+    torch.testing.assert_close(ours_p[0], ref_p[0], **TRAJ_TOL[torch.float32])
+    torch.testing.assert_close(ours_p[2], ref_p[1], **TRAJ_TOL[torch.float32])
