@@ -39,7 +39,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", type=_csv, default=list(SUITES), help=f"comma-separated; known: {', '.join(SUITES)}")
     p.add_argument("--ops", type=_csv, default=None, help="restrict to these operators")
-    p.add_argument("--sizes", type=_csv, default=None, help="ROWSxCOLS,... (suite default if omitted)")
+    p.add_argument(
+        "--sizes", type=_csv, default=None, help="ROWSxCOLS,... or model sizes (124M,10M) for optim (suite default if omitted)"
+    )
     p.add_argument("--dtypes", type=_csv, default=None, help="fp32,bf16,fp16 (suite default if omitted)")
     p.add_argument("--modes", type=_csv, default=None, help="fwd,fwd+bwd (suite default if omitted)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -130,6 +130,9 @@ _NO_LAUNCH = {
     torch.ops.aten.transpose.int,
     torch.ops.aten.permute.default,
     torch.ops.aten.as_strided.default,
+    # torch.optim's step() opens a profiler range: a marker, no kernel.
+    torch.ops.profiler._record_function_enter_new.default,
+    torch.ops.profiler._record_function_exit._RecordFunction,
 }
 
 

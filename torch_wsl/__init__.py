@@ -26,11 +26,11 @@ except ImportError:
 if _C is not None:
     # Python-side registrations (fake kernels, autograd) only once the library
     # that defines the operators has loaded.
-    from . import memory, nn, ops  # noqa: F401
+    from . import memory, nn, ops, optim  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "memory", "nn", "ops", "set_cpu_isa", "__version__"]
+__all__ = ["build_info", "memory", "nn", "ops", "optim", "set_cpu_isa", "__version__"]
 
 
 def build_info() -> dict[str, Any]:

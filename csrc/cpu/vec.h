@@ -29,6 +29,23 @@ struct Scalar {
   Scalar operator+(Scalar b) const { return {v + b.v}; }
   Scalar operator-(Scalar b) const { return {v - b.v}; }
   Scalar operator*(Scalar b) const { return {v * b.v}; }
+  Scalar operator/(Scalar b) const { return {v / b.v}; }
+  // The product rounded on its own (the register barrier keeps the compiler
+  // from contracting it with a following add).
+  Scalar mul_rn(Scalar b) const {
+    acc_t r = v * b.v;
+#if TWSL_X86
+    asm("" : "+x"(r));
+#endif
+    return {r};
+  }
+  Scalar neg() const { return {-v}; }
+  Scalar sqrt() const { return {std::sqrt(v)}; }
+  Scalar abs() const { return {std::fabs(v)}; }
+  // NaN from either side propagates, as torch.maximum.
+  Scalar maximum(Scalar b) const { return {v != v ? v : (b.v != b.v ? b.v : (v > b.v ? v : b.v))}; }
+  // a * b + c, rounded once.
+  static Scalar fmadd(Scalar a, Scalar b, Scalar c) { return {std::fma(a.v, b.v, c.v)}; }
   acc_t sum() const { return v; }
 };
 
@@ -84,6 +101,21 @@ struct VecF {
   VecF operator+(VecF b) const { return {_mm512_add_ps(v, b.v)}; }
   VecF operator-(VecF b) const { return {_mm512_sub_ps(v, b.v)}; }
   VecF operator*(VecF b) const { return {_mm512_mul_ps(v, b.v)}; }
+  VecF operator/(VecF b) const { return {_mm512_div_ps(v, b.v)}; }
+  VecF mul_rn(VecF b) const {
+    __m512 r = _mm512_mul_ps(v, b.v);
+    asm("" : "+v"(r));
+    return {r};
+  }
+  VecF neg() const { return {_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)))}; }
+  VecF sqrt() const { return {_mm512_sqrt_ps(v)}; }
+  VecF abs() const { return {_mm512_abs_ps(v)}; }
+  // NaN from either side propagates (vmaxps alone returns its second operand).
+  VecF maximum(VecF b) const {
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, b.v, _CMP_UNORD_Q);
+    return {_mm512_mask_blend_ps(nan, _mm512_max_ps(v, b.v), _mm512_add_ps(v, b.v))};
+  }
+  static VecF fmadd(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   float sum() const { return _mm512_reduce_add_ps(v); }
 };
 #elif TWSL_CPU_ISA_LEVEL >= 1
@@ -136,6 +168,21 @@ struct VecF {
   VecF operator+(VecF b) const { return {_mm256_add_ps(v, b.v)}; }
   VecF operator-(VecF b) const { return {_mm256_sub_ps(v, b.v)}; }
   VecF operator*(VecF b) const { return {_mm256_mul_ps(v, b.v)}; }
+  VecF operator/(VecF b) const { return {_mm256_div_ps(v, b.v)}; }
+  VecF mul_rn(VecF b) const {
+    __m256 r = _mm256_mul_ps(v, b.v);
+    asm("" : "+x"(r));
+    return {r};
+  }
+  VecF neg() const { return {_mm256_xor_ps(v, _mm256_set1_ps(-0.0f))}; }
+  VecF sqrt() const { return {_mm256_sqrt_ps(v)}; }
+  VecF abs() const { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), v)}; }
+  // NaN from either side propagates (vmaxps alone returns its second operand).
+  VecF maximum(VecF b) const {
+    const __m256 nan = _mm256_cmp_ps(v, b.v, _CMP_UNORD_Q);
+    return {_mm256_blendv_ps(_mm256_max_ps(v, b.v), _mm256_add_ps(v, b.v), nan)};
+  }
+  static VecF fmadd(VecF a, VecF b, VecF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   float sum() const {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -1,0 +1,121 @@
+"""Gradient clipping on multi-tensor operators, drop-in for ``torch.nn.utils``'s.
+
+``clip_grad_norm_`` computes the total norm with one multi-tensor reduction
+(``torch.ops.torch_wsl.total_norm``) and scales the gradients with one
+multi-tensor operator (``clip_grads_with_norm_``) that reads the norm on the
+device: no host synchronization, unless ``error_if_nonfinite=True``, which
+must look at the norm on the host before clipping (torch's does the same).
+Norm types 1, 2 and inf run on torch_wsl's operators; other orders fall back
+to torch's implementation.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..ops import optim as ops
+
+__all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm"]
+
+_TensorOrTensors = Union[Tensor, Iterable[Tensor]]
+_OWN_ORDERS = (1.0, 2.0, math.inf)
+
+
+def _by_device(tensors: list[Tensor]) -> dict:
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups
+
+
+@torch.no_grad()
+def get_total_norm(
+    tensors: _TensorOrTensors,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+) -> Tensor:
+    """Same contract and result as ``torch.nn.utils.get_total_norm``: the norm of all
+    tensors viewed as one vector, a 0-dim tensor on the first tensor's device.
+
+    One ``total_norm`` operator per device; ``foreach`` is accepted and ignored.
+    """
+    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    norm_type = float(norm_type)
+    if norm_type not in _OWN_ORDERS:
+        return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
+    if len(tensors) == 0:
+        return torch.tensor(0.0)
+    groups = _by_device(tensors)
+    norms = [ops.total_norm(group, norm_type) for group in groups.values()]
+    if len(norms) == 1:
+        total = norms[0]
+    else:
+        first = tensors[0].device
+        total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
+    if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from "
+            "`parameters` is non-finite, so it cannot be clipped. To disable "
+            "this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+    return total
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: _TensorOrTensors,
+    max_norm: float,
+    total_norm: Tensor,
+    foreach: Optional[bool] = None,
+) -> None:
+    """Same contract as ``torch.nn.utils.clip_grads_with_norm_``: each gradient is scaled
+    by ``min(max_norm / (total_norm + 1e-6), 1)``, computed on the device (no sync).
+
+    One ``clip_grads_with_norm_`` operator per device; ``foreach`` is accepted and ignored.
+    """
+    parameters = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    for device, group in _by_device(grads).items():
+        norm = total_norm if total_norm.device == device else total_norm.to(device, non_blocking=True)
+        ops.clip_grads_with_norm_(group, float(max_norm), norm)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: _TensorOrTensors,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+) -> Tensor:
+    """Same contract and result as ``torch.nn.utils.clip_grad_norm_``.
+
+    Clips the gradients of ``parameters`` in place so their total ``norm_type``
+    norm is at most ``max_norm`` and returns the total norm (before clipping)
+    as a tensor. Two multi-tensor operators per device (the norm, then the
+    scaling), no host synchronization unless ``error_if_nonfinite``.
+    """
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if is_generator and len(parameters) == 0:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
+    if float(norm_type) not in _OWN_ORDERS:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+    else:
+        clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+    return total_norm
