@@ -7,6 +7,7 @@
 #include <limits>
 #include <string>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -79,10 +80,21 @@ void check_lr_tensor(const char* op, const Tensor& lr, const at::Device& device)
               ": expected lr to be on the CPU or on the device of params[0] (", device, "), got ", lr.device());
 }
 
+// A tensor the operator writes must not have elements that share memory
+// (e.g. from expand()): its staged copy could not be written back, and that
+// failure would come after the kernel had updated the other tensors. Checked
+// while preparing, before anything is written.
+void check_writable(const Tensor& t) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes,
+              "torch_wsl: a tensor the operator writes (a parameter, optimizer state, or a gradient it unscales or "
+              "clips) has internally overlapping memory (e.g. from expand()); clone() it first");
+}
+
 // The tensor the kernel uses for `t`: `t` itself when it is dense in `layout`'s
 // strides, else a staged copy in that layout (copied back by Staging::finish
 // when `written`).
 Tensor usable(const Tensor& t, const Tensor& layout, bool written, Staging& staging) {
+  if (written) check_writable(t);
   if (t.is_non_overlapping_and_dense() && t.strides() == layout.strides()) return t;
   Tensor staged = at::empty_like(layout);
   staged.copy_(t);
@@ -93,6 +105,7 @@ Tensor usable(const Tensor& t, const Tensor& layout, bool written, Staging& stag
 // The layout all of param i's tensors are brought to: the param's own when it
 // is dense (so nothing is copied in the usual case), else a contiguous copy.
 Tensor layout_of(const Tensor& p, Staging& staging) {
+  check_writable(p);
   if (p.is_non_overlapping_and_dense()) return p;
   Tensor staged = p.contiguous();
   staging.write_back.emplace_back(p, staged);

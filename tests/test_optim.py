@@ -778,3 +778,29 @@ def test_group_spanning_devices_takes_one_call_per_device(name):
     assert counter.ops.count({"AdamW": "torch_wsl.adamw_", "SGD": "torch_wsl.sgd_"}[name]) == 6  # 3 steps x 2 devices
     torch.testing.assert_close(ours_p[0], ref_p[0], **TRAJ_TOL[torch.float32])
     torch.testing.assert_close(ours_p[2], ref_p[1], **TRAJ_TOL[torch.float32])
+
+
+def test_overlapping_written_tensor_is_rejected_before_any_update():
+    """A gradient from expand() that the step must unscale in place: an error, and nothing written."""
+    from torch_wsl.ops import optim as O
+
+    p = torch.ones(4)
+    g = torch.tensor([2.0]).expand(4)
+    m, v, step = torch.zeros(4), torch.zeros(4), torch.zeros(())
+    before = (p.clone(), m.clone(), v.clone(), step.clone())
+    with pytest.raises(RuntimeError, match="internally overlapping memory"):
+        O.adam_([p], [g], [m], [v], [], [step], lr=0.1, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
+                amsgrad=False, maximize=False, grad_scale=torch.tensor([2.0]))
+    for got, want in zip((p, m, v, step), before):
+        assert torch.equal(got, want)
+
+
+def test_empty_lists_are_a_no_op():
+    from torch_wsl.ops import optim as O
+
+    O.adam_([], [], [], [], [], [], lr=0.1, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
+            maximize=False)
+    O.sgd_([], [], [], weight_decay=0.0, momentum=0.0, lr=0.1, dampening=0.0, nesterov=False, maximize=False,
+           is_first_step=True)
+    assert O.total_norm([]).item() == 0.0
+    assert torch.nn.utils.get_total_norm([]).item() == torch_wsl.nn.utils.clip_grad_norm_([], 1.0).item() == 0.0

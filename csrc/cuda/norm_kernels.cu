@@ -21,6 +21,7 @@
 
 #include "build_info.h"
 #include "cuda/block_reduce.cuh"
+#include "cuda/types.cuh"
 #include "dispatch.h"
 #include "norm.h"
 #include "norm_math.h"
@@ -35,33 +36,22 @@ namespace {
 namespace nm = torch_wsl::norm_math;
 using gpu::block_sum2;
 
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) VecOf {
-  T v[N];
-};
+using gpu::AccType;
+using gpu::Pack;
 
 template <int VEC, typename T>
 __device__ __forceinline__ void load_vec(const T* p, T (&out)[VEC]) {
-  const auto packed = *reinterpret_cast<const VecOf<T, VEC>*>(p);
+  const auto packed = *reinterpret_cast<const Pack<T, VEC>*>(p);
 #pragma unroll
   for (int k = 0; k < VEC; ++k) out[k] = packed.v[k];
 }
 
 template <int VEC, typename T>
 __device__ __forceinline__ void store_vec(T* p, const T (&in)[VEC]) {
-  VecOf<T, VEC> packed;
+  Pack<T, VEC> packed;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) packed.v[k] = in[k];
-  *reinterpret_cast<VecOf<T, VEC>*>(p) = packed;
+  *reinterpret_cast<Pack<T, VEC>*>(p) = packed;
 }
 
 template <typename param_t, typename acc_t>

@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cuda/types.cuh"
 #include "cuda/multi_tensor_apply.cuh"
 #include "optim.h"
 #include "optim_math.h"
@@ -34,19 +35,8 @@ using gpu::kChunk;
 using gpu::kThreads;
 using gpu::TensorBatch;
 
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+using gpu::AccType;
+using gpu::Pack;
 
 // Elements per 16-byte vector access.
 template <typename T>

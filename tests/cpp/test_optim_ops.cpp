@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "isa_scope.h"
 #include "optim_math.h"
 
 namespace {
@@ -17,18 +18,8 @@ using at::Tensor;
 using torch_wsl::cpu::Isa;
 namespace om = torch_wsl::optim_math;
 
-std::vector<std::string> available_isas() {
-  std::vector<std::string> names = {"default"};
-  if (static_cast<int>(torch_wsl::cpu::detected_isa()) >= static_cast<int>(Isa::kAvx2)) names.push_back("avx2");
-  if (torch_wsl::cpu::detected_isa() == Isa::kAvx512) names.push_back("avx512");
-  return names;
-}
-
-struct IsaScope {
-  explicit IsaScope(const std::string& name) : previous(torch_wsl::cpu::set_cpu_isa(name)) {}
-  ~IsaScope() { torch_wsl::cpu::set_cpu_isa(previous); }
-  std::string previous;
-};
+using torch_wsl::testing::available_isas;
+using torch_wsl::testing::IsaScope;
 
 auto adamw_op() {
   return c10::Dispatcher::singleton()

@@ -45,6 +45,11 @@ def get_total_norm(
     tensors viewed as one vector, a 0-dim tensor on the first tensor's device.
 
     One ``total_norm`` operator per device; ``foreach`` is accepted and ignored.
+    One difference: when the tensors mix dtypes, torch rounds each tensor's
+    norm to that tensor's dtype before combining them (so a float16 gradient
+    whose own norm exceeds 65504 makes the total inf), while this accumulates
+    everything in float32/float64 and rounds once. With one dtype the results
+    agree to about one ulp.
     """
     tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
     norm_type = float(norm_type)

@@ -53,6 +53,8 @@ def adam_(
     shape and dtype (float32, float16, bfloat16 or float64; math in float32).
     ``max_exp_avg_sqs`` may be empty unless ``amsgrad``.
     """
+    if len(params) == 0:  # the dispatcher needs a tensor argument to choose a kernel; nothing to do
+        return
     packet = _ops.adamw_ if decoupled_weight_decay else _ops.adam_
     op = packet.tensor_lr if isinstance(lr, Tensor) else packet.default
     op(
@@ -78,6 +80,8 @@ def sgd_(
     found_inf: Optional[Tensor] = None,
 ) -> None:
     """One SGD step over all tensors, in place; ``momentum_buffers`` may be empty when ``momentum == 0``."""
+    if len(params) == 0:  # the dispatcher needs a tensor argument to choose a kernel; nothing to do
+        return
     op = _ops.sgd_.tensor_lr if isinstance(lr, Tensor) else _ops.sgd_.default
     op(
         params, grads, momentum_buffers,
@@ -92,7 +96,10 @@ def total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     A 0-dim tensor of the tensors' promoted dtype on their device, computed in
     one multi-tensor reduction with float32 (float64 for float64) accumulation.
     """
-    return _ops.total_norm(list(tensors), float(norm_type))
+    tensors = list(tensors)
+    if not tensors:  # as torch: the norm of nothing is a float32 zero (no tensor to dispatch on)
+        return torch.zeros(())
+    return _ops.total_norm(tensors, float(norm_type))
 
 
 def clip_grads_with_norm_(grads: Sequence[Tensor], max_norm: float, total_norm: Tensor) -> None:
