@@ -129,11 +129,19 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ 
   auto* vmax = kAmsgrad ? static_cast<scalar_t*>(batch.ptr[4][ch.t]) : nullptr;
   const auto* step = static_cast<const float*>(batch.ptr[kLists - 1][ch.t]);
 
-  const double lr = h.lr_ptr != nullptr ? static_cast<double>(*h.lr_ptr) : h.lr;
-  // The increment of the step count happens after this kernel (advance_steps_kernel).
-  const om::AdamStepScalars s = om::adam_step_scalars(lr, h.beta1, h.beta2, static_cast<double>(*step) + 1.0);
-  const om::AdamCoeffs<acc_t> c =
-      om::adam_coeffs<acc_t>(lr, h.beta1, h.beta2, h.weight_decay, h.eps, kAmsgrad, h.maximize, h.decoupled, s);
+  // The bias corrections are double-precision pow/div/sqrt (slow on GPUs with
+  // little FP64): one thread computes the block's coefficients once. The early
+  // return above is taken by the whole block or none of it, so the barrier is
+  // safe. The step count is incremented after this kernel (advance_steps_kernel).
+  __shared__ om::AdamCoeffs<acc_t> shared_coeffs;
+  if (threadIdx.x == 0) {
+    const double lr = h.lr_ptr != nullptr ? static_cast<double>(*h.lr_ptr) : h.lr;
+    const om::AdamStepScalars s = om::adam_step_scalars(lr, h.beta1, h.beta2, static_cast<double>(*step) + 1.0);
+    shared_coeffs =
+        om::adam_coeffs<acc_t>(lr, h.beta1, h.beta2, h.weight_decay, h.eps, kAmsgrad, h.maximize, h.decoupled, s);
+  }
+  __syncthreads();
+  const om::AdamCoeffs<acc_t> c = shared_coeffs;
   const bool unscale = h.grad_scale != nullptr;
   const acc_t grad_scale = unscale ? static_cast<acc_t>(*h.grad_scale) : acc_t(1);
 
