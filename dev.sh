@@ -4,6 +4,10 @@
 #   ./dev.sh test                   set everything up, run all tests (pytest + ctest, and the
 #                                   allocator core under ASan+UBSan and its stress test under TSan); what CI runs
 #   ./dev.sh setup                  set everything up only
+#   ./dev.sh gpu-check [OUT_DIR]    on a machine with an NVIDIA GPU: build in place for its architecture, run the
+#                                   CUDA tests, some under compute-sanitizer, and the benchmarks (< 8 min); summary in
+#                                   OUT_DIR (gpu-check-results/). No venv, no network: PYTHON (python3) must have torch.
+#                                   --dry-run lists the steps (see tools/gpu_check.py)
 # Setting up is idempotent: apt packages if missing, a venv in .venv with
 # requirements-dev.txt, the extension built in place (pip -e, with CUDA
 # kernels when a CUDA toolkit is found), and the C++ test suite in build/.
@@ -105,6 +109,10 @@ case "$cmd" in
     ctest --test-dir build --output-on-failure
     sanitized_core_tests
     ;;
+  gpu-check)
+    # The system Python that has torch, not .venv's: the GPU machine is offline (nothing to install).
+    exec "${PYTHON:-python3}" tools/gpu_check.py "$@"
+    ;;
   bench)
     # The allocator suite compares against jemalloc and tcmalloc (LD_PRELOAD).
     setup libjemalloc2 libtcmalloc-minimal4
@@ -112,7 +120,7 @@ case "$cmd" in
     "$PY" -m benchmarks "$@"
     ;;
   *)
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     [ "$cmd" = help ] || exit 2
     ;;
 esac
