@@ -323,22 +323,33 @@ def test_record_trace_of_a_real_step_replays_without_steady_backend_calls(cpu_al
 # ---------------------------------------------------------------- pinned memory
 
 @pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="build without CUDA")
-def test_pinned_backend_falls_back_to_pageable_with_one_warning():
-    backend = torch_wsl._C._alloc.PinnedHostBackend(0)  # no pinned budget at all
-    a = twm.CachingAllocator(backend)
-    with pytest.warns(RuntimeWarning, match="falls back to pageable memory"):
-        p = a.malloc(64 * KiB)  # a small-pool segment
+def test_pinned_pool_falls_back_to_a_separate_pageable_pool_with_one_warning():
+    pool = twm.PinnedPool(budget=0)  # no pinned budget at all: the driver is never asked
+    with pytest.warns(RuntimeWarning, match="falls back to pageable memory.*budget"):
+        p = pool.malloc(64 * KiB)  # a small-pool segment
     ctypes.memset(p, 1, 64 * KiB)  # real memory
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        q = a.malloc(3 * MiB)  # a large-pool segment: no second warning
-    counters = backend.counters()
-    assert counters["pageable_segments"] == 2 and counters["pinned_segments"] == 0
-    assert counters["budget_refusals"] == 2
-    a.free(p)
-    a.free(q)
-    a.empty_cache()
-    assert backend.counters()["pageable_bytes"] == 0
+        q = pool.malloc(3 * MiB)  # a large-pool segment: no second warning
+    counters = pool.counters()
+    assert counters["pinned_segments"] == 0 and counters["driver_refusals"] == 0
+    assert counters["budget_refusals"] >= 2
+    s = pool.stats()
+    assert s["segment.all.current"] == 0 and s["reserved_bytes.all.current"] == 0  # nothing in the pinned pool
+    assert s["pageable_fallback.segment"] == 2 and s["pageable_fallback.allocation"] == 2
+    pool.free(p)
+    pool.free(q)
+    with pytest.raises(ValueError, match="not allocated by this pinned pool"):
+        pool.free(p)
+    pool.empty_cache()
+    assert pool.stats()["pageable_fallback.reserved_bytes"] == 0
+
+
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="build without CUDA")
+def test_pinned_only_allocator_raises_past_its_budget():
+    a = twm.CachingAllocator(torch_wsl._C._alloc.PinnedHostBackend(0))
+    with pytest.raises(torch.OutOfMemoryError):
+        a.malloc(4 * KiB)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU fallback")
@@ -394,6 +405,7 @@ def test_enable_cuda_installs_the_pluggable_allocator():
 
 
 @cuda_only
+@pytest.mark.cuda
 def test_cuda_record_stream_and_pinned_dataloader():
     r = run_python("""
         import torch, torch_wsl, torch_wsl.memory as twm
@@ -417,6 +429,131 @@ def test_cuda_record_stream_and_pinned_dataloader():
         assert t.is_pinned()
         print("GPU OK", twm.measure_driver_cost(reps=5))
     """)
+    assert r.returncode == 0, r.stderr
+    assert "GPU OK" in r.stdout
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_pinned_fallback_blocks_never_come_back_as_pinned():
+    r = run_python("""
+        import warnings, torch, torch_wsl, torch_wsl.memory as twm
+        twm.enable("pinned", budget="4M", probe_ceiling=False)
+        a = torch.empty(3 << 20, dtype=torch.uint8, pin_memory=True)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            b = torch.empty(3 << 20, dtype=torch.uint8, pin_memory=True)  # over the budget: pageable
+        assert a.is_pinned() and not b.is_pinned(), (a.is_pinned(), b.is_pinned())
+        assert any("pageable" in str(x.message) for x in w)
+        del b, a  # the pageable block goes back to its own pool
+        c = torch.empty(3 << 20, dtype=torch.uint8, pin_memory=True)
+        d = torch.empty(3 << 20, dtype=torch.uint8, pin_memory=True)
+        assert c.is_pinned() and not d.is_pinned(), (c.is_pinned(), d.is_pinned())
+        s = twm.stats("pinned")
+        assert s["pageable_fallback.allocation"] == 1 and s["allocation.all.current"] == 1, s
+        print("GPU OK")
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "GPU OK" in r.stdout
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_stats_api_and_cudnn_benchmark_under_torch_wsl():
+    # torch.cuda.memory_* answer from torch_wsl's statistics; cuDNN's benchmark
+    # mode asks cacheInfo for its workspace (a stock pluggable allocator fails there).
+    r = run_python("""
+        import torch, torch_wsl, torch_wsl.memory as twm, torchvision
+        twm.enable("cuda", budget="8G")
+        torch.backends.cudnn.benchmark = True
+        model = torchvision.models.resnet18(num_classes=10).cuda()
+        x = torch.randn(4, 3, 64, 64, device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        loss = model(x).sum()
+        loss.backward()
+        torch.cuda.synchronize()
+        ours = twm.stats("cuda")
+        assert torch.cuda.memory_allocated() == ours["allocated_bytes.all.current"] > 0
+        assert torch.cuda.memory_reserved() == ours["reserved_bytes.all.current"] > 0
+        assert torch.cuda.max_memory_allocated() == ours["allocated_bytes.all.peak"]
+        assert torch.cuda.memory_stats()["num_device_alloc"] == ours["num_device_alloc"]
+        torch.cuda.reset_peak_memory_stats()
+        assert torch.cuda.max_memory_allocated() == torch.cuda.memory_allocated()
+        assert "Allocated memory" in torch.cuda.memory_summary() or torch.cuda.memory_summary()
+        # set_per_process_memory_fraction caps at a fraction of *total* memory, and the byte budget stays.
+        total = torch.cuda.mem_get_info()[1]
+        torch.cuda.set_per_process_memory_fraction(0.5)
+        assert twm.stats("cuda")["budget_bytes"] == min(8 << 30, int(total * 0.5)), (twm.stats("cuda")["budget_bytes"], total)
+        torch.cuda.set_per_process_memory_fraction(0.001)
+        try:
+            torch.empty(int(total * 0.01), dtype=torch.uint8, device="cuda")
+            raise SystemExit("expected OutOfMemoryError")
+        except torch.OutOfMemoryError as e:
+            assert "budget" in str(e), str(e)
+        # A bad pointer freed through torch's API is reported, not fatal.
+        torch.cuda.caching_allocator_delete(12345)
+        assert twm.stats("cuda")["num_deleter_errors"] == 1
+        print("GPU OK")
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "GPU OK" in r.stdout
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_graph_capture_uses_a_private_pool():
+    r = run_python("""
+        import torch, torch_wsl, torch_wsl.memory as twm
+        twm.enable("cuda")
+        static_in = torch.randn(1 << 20, device="cuda")
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up outside the capture, as PyTorch recommends
+            for _ in range(2):
+                tmp = static_in * 2
+                out = tmp + 1
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            tmp = static_in * 2     # freed inside the capture: stays in the graph's pool
+            static_out = tmp.sin() + 1
+            del tmp
+        st = twm.stats("cuda")
+        assert st["private_pools.current"] == 1 and st["private_pool_reserved_bytes.current"] > 0, st
+        # Eager tensors made after the capture must not overlap memory the replays write.
+        eager = [torch.full((1 << 20,), 7.0, device="cuda") for _ in range(8)]
+        for _ in range(3):
+            static_in.copy_(torch.randn_like(static_in))
+            g.replay()
+        torch.cuda.synchronize()
+        assert torch.allclose(static_out, (static_in * 2).sin() + 1)
+        assert all(bool((e == 7.0).all()) for e in eager)
+        # A second graph sharing the pool, make_graphed_callables, then release.
+        g2 = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g2, pool=g.pool()):
+            out2 = static_in.cos()
+        g2.replay()
+        torch.cuda.synchronize()
+        assert torch.allclose(out2, static_in.cos())
+        mlp = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+        graphed = torch.cuda.make_graphed_callables(mlp, (torch.randn(16, 64, device="cuda"),))
+        x = torch.randn(16, 64, device="cuda", requires_grad=True)
+        graphed(x).sum().backward()
+        torch.cuda.synchronize()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        del g, g2, static_out, out2
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        print("pools after release:", twm.stats("cuda")["private_pools.current"])
+        # torch.compile's CUDA graphs.
+        f = torch.compile(lambda t: (t * 3).relu() + 1, mode="reduce-overhead")
+        t = torch.randn(4096, device="cuda")
+        for _ in range(3):
+            y = f(t)
+        torch.cuda.synchronize()
+        assert torch.allclose(y, (t * 3).relu() + 1)
+        print("GPU OK")
+    """, timeout=400)
     assert r.returncode == 0, r.stderr
     assert "GPU OK" in r.stdout
 

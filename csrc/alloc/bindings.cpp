@@ -76,6 +76,7 @@ py::list snapshot_to(const std::vector<SegmentInfo>& snap) {
     sd["total_size"] = s.size;
     sd["stream"] = s.stream;
     sd["segment_type"] = s.small_pool ? "small" : "large";
+    sd["segment_pool_id"] = py::make_tuple(s.pool.first, s.pool.second);
     sd["allocated_size"] = allocated;
     sd["active_size"] = active;
     sd["requested_size"] = requested;
@@ -156,6 +157,9 @@ void init_bindings(py::module_& parent) {
         d["live_bytes"] = c.live_bytes;
         d["peak_live_bytes"] = c.peak_live_bytes;
         d["live_events"] = c.live_events;
+        d["events_recorded"] = c.events_recorded;
+        d["events_queried"] = c.events_queried;
+        d["last_event_device"] = c.last_event_device;
         return d;
       })
       .def_property_readonly("config", [](const SimulatedBackend& b) {
@@ -188,8 +192,10 @@ void init_bindings(py::module_& parent) {
            }),
            py::arg("backend"), py::arg("policy") = py::dict())
       .def("record_stream",
-           [](CachingAllocator& a, std::uintptr_t p, std::uint64_t s) { a.record_stream(as_ptr(p), s); },
-           py::arg("ptr"), py::arg("stream"))
+           [](CachingAllocator& a, std::uintptr_t p, std::uint64_t s, int device) {
+             a.record_stream(as_ptr(p), s, device);
+           },
+           py::arg("ptr"), py::arg("stream"), py::arg("device") = kOwnDevice)
       .def("snapshot", [](const CachingAllocator& a) { return snapshot_to(a.snapshot()); })
       .def("trace", [](const CachingAllocator& a) { return trace_to(a.trace()); })
       .def("set_trace_capacity", &CachingAllocator::set_trace_capacity, py::arg("capacity"))
@@ -199,7 +205,10 @@ void init_bindings(py::module_& parent) {
       .def("reset_accumulated_stats", &CachingAllocator::reset_accumulated_stats)
       .def("set_budget", &CachingAllocator::set_budget, py::arg("bytes") = py::none(),
            py::arg("fraction") = py::none())
+      .def("set_memory_fraction", &CachingAllocator::set_memory_fraction, py::arg("fraction"))
       .def_property_readonly("budget", &CachingAllocator::budget)
+      .def_property_readonly("budget_headroom", &CachingAllocator::budget_headroom)
+      .def_property_readonly("largest_free_block", &CachingAllocator::largest_free_block)
       .def_property_readonly("policy", [](const CachingAllocator& a) { return policy_to(a.policy()); })
       .def_property_readonly("backend", &CachingAllocator::backend_ptr)
       .def("round_size", &CachingAllocator::round_size, py::arg("nbytes"));
@@ -284,23 +293,35 @@ void init_bindings(py::module_& parent) {
   py::class_<cuda::PinnedHostBackend, Backend, std::shared_ptr<cuda::PinnedHostBackend>>(m, "PinnedHostBackend")
       .def(py::init([](std::size_t budget) { return std::make_shared<cuda::PinnedHostBackend>(budget); }),
            py::arg("pinned_budget_bytes"))
-      .def("take_warning", &cuda::PinnedHostBackend::take_warning)
       .def_property_readonly("budget", &cuda::PinnedHostBackend::budget)
+      .def("last_refusal", &cuda::PinnedHostBackend::last_refusal)
       .def("counters", [](const cuda::PinnedHostBackend& b) {
         const auto c = b.counters();
         py::dict d;
         d["pinned_segments"] = c.pinned_segments;
         d["pinned_bytes"] = c.pinned_bytes;
-        d["pageable_segments"] = c.pageable_segments;
-        d["pageable_bytes"] = c.pageable_bytes;
         d["driver_refusals"] = c.driver_refusals;
         d["budget_refusals"] = c.budget_refusals;
         return d;
       });
+  py::class_<cuda::PinnedPool, std::shared_ptr<cuda::PinnedPool>>(m, "PinnedPool")
+      .def(py::init([](const py::dict& policy, std::size_t budget) {
+             return std::make_shared<cuda::PinnedPool>(policy_from(policy), budget);
+           }),
+           py::arg("policy"), py::arg("pinned_budget_bytes"))
+      .def("malloc", [](cuda::PinnedPool& p, std::size_t n) { return as_int(p.malloc(n)); }, py::arg("nbytes"))
+      .def("free", [](cuda::PinnedPool& p, std::uintptr_t ptr) { p.free(as_ptr(ptr)); }, py::arg("ptr"))
+      .def("empty_cache", &cuda::PinnedPool::empty_cache, py::call_guard<py::gil_scoped_release>())
+      .def("take_warning", &cuda::PinnedPool::take_warning)
+      .def_property_readonly("pinned", &cuda::PinnedPool::pinned_ptr)
+      .def_property_readonly("pageable", &cuda::PinnedPool::pageable_ptr)
+      .def_property_readonly("backend", [](cuda::PinnedPool& p) { return p.pinned_ptr()->backend_ptr(); });
   m.attr("HOST_STREAM") = cuda::kHostStream;
   m.def("cuda_set_device_policy", [](const py::dict& p) { cuda::set_device_policy(policy_from(p)); });
   m.def("cuda_device_allocator", &cuda::device_allocator, py::arg("device"), py::arg("create") = false);
-  m.def("cuda_install_hooks", &cuda::install_device_hooks);
+  m.def("cuda_install", &cuda::install_device_allocator);
+  m.def("cuda_deleter_errors", &cuda::deleter_errors);
+  m.def("cuda_try_host_alloc", &cuda::try_host_alloc, py::arg("nbytes"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "cuda_measure_driver_cost",
       [](int device, std::size_t nbytes, int reps) {
@@ -313,9 +334,9 @@ void init_bindings(py::module_& parent) {
       py::arg("device"), py::arg("nbytes"), py::arg("reps"));
   m.def(
       "pinned_pool",
-      [](const py::dict& policy, std::size_t budget) { return cuda::pinned_pool(policy_from(policy), budget); },
+      [](const py::dict& policy, std::size_t budget) { return cuda::process_pinned_pool(policy_from(policy), budget); },
       py::arg("policy"), py::arg("pinned_budget_bytes"));
-  m.def("pinned_pool_if_created", &cuda::pinned_pool_if_created);
+  m.def("pinned_pool_if_created", &cuda::process_pinned_pool_if_created);
   m.def("pinned_install", &cuda::install_pinned_host_allocator);
 #else
   m.attr("has_cuda") = false;

@@ -1,9 +1,15 @@
 // CUDA backends of the caching allocator: device memory (cudaMalloc/cudaFree)
-// behind torch.cuda.memory.CUDAPluggableAllocator, and pinned host memory
-// (cudaHostAlloc with a pageable fallback) behind PyTorch's CUDA host
-// allocator. CUDA virtual memory (expandable segments) is not used: it fails
-// on some WSL drivers (pytorch/pytorch#192330), and plain cached segments keep
-// driver calls out of the steady state anyway.
+// as PyTorch's CUDA allocator, and pinned host memory (cudaHostAlloc, with a
+// pageable fallback pool) as PyTorch's CUDA host allocator. CUDA virtual
+// memory (expandable segments) is not used: it fails on some WSL drivers
+// (pytorch/pytorch#192330), and plain cached segments keep driver calls out
+// of the steady state anyway.
+//
+// The device allocator subclasses torch's CUDAPluggableAllocator rather
+// than CUDAAllocator: the base class has an implementation of every virtual
+// of the torch version at hand (torch 2.8 to 2.14 differ), and we override
+// what torch_wsl serves itself. Tensor deleters never throw (std::terminate
+// would kill the process): errors there are counted and printed once.
 // torch's header uses std::hardware_destructive_interference_size, which GCC warns about.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Winterference-size"
@@ -11,6 +17,7 @@
 #pragma GCC diagnostic pop
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -22,13 +29,18 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
 #include "alloc/cuda_api.h"
 #include "alloc/no_destructor.h"
+
+extern "C" void* torch_wsl_malloc(ssize_t size, int device, cudaStream_t stream);
+extern "C" void torch_wsl_free(void* ptr, ssize_t size, int device, cudaStream_t stream);
 
 namespace torch_wsl::alloc::cuda {
 
@@ -36,13 +48,47 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 
+// At interpreter exit the CUDA runtime may unload before the last tensors
+// are freed; nothing is left to do for them then.
+bool unloading(cudaError_t err) { return err == cudaErrorCudartUnloading; }
+
+// Errors in tensor deleters: counted, the first printed (a deleter cannot
+// throw, and a warning handler may not be safe to call from there).
+std::atomic<std::int64_t> g_deleter_errors{0};
+
+void report_deleter_error(const char* what) noexcept {
+  if (g_deleter_errors.fetch_add(1) == 0)
+    std::fprintf(stderr,
+                 "torch_wsl allocator: freeing memory failed (%s). The memory stays reserved and accounted "
+                 "(torch_wsl.memory.stats()); later errors of this kind are counted, not printed.\n",
+                 what);
+}
+
+template <class F>
+void no_throw(F&& f) noexcept {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    report_deleter_error(e.what());
+  } catch (...) {
+    report_deleter_error("unknown error");
+  }
+}
+
 // cudaEvent_t's are created once and reused: on WSL2 creating one is a VM-bus round trip too.
 class EventPool {
  public:
   EventId record(cudaStream_t stream, int device) {
     Pooled* e = acquire(device);
+    if (e == nullptr) return 0;  // the runtime is unloading: nothing will run any more
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-    C10_CUDA_CHECK(cudaEventRecord(e->event, stream));
+    const cudaError_t err = cudaEventRecord(e->event, stream);
+    if (unloading(err)) {
+      release(reinterpret_cast<EventId>(e));
+      return 0;
+    }
+    if (err != cudaSuccess) release(reinterpret_cast<EventId>(e));
+    C10_CUDA_CHECK(err);
     return reinterpret_cast<EventId>(e);
   }
   bool query(EventId id) {
@@ -51,10 +97,14 @@ class EventPool {
       (void)cudaGetLastError();
       return false;
     }
+    if (unloading(err)) return true;
     C10_CUDA_CHECK(err);
     return true;
   }
-  void synchronize(EventId id) { C10_CUDA_CHECK(cudaEventSynchronize(get(id)->event)); }
+  void synchronize(EventId id) {
+    const cudaError_t err = cudaEventSynchronize(get(id)->event);
+    if (!unloading(err)) C10_CUDA_CHECK(err);
+  }
   void release(EventId id) {
     Pooled* e = get(id);
     std::lock_guard<std::mutex> g(mutex_);
@@ -78,7 +128,9 @@ class EventPool {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     auto e = std::make_unique<Pooled>();
     e->device = device;
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&e->event, cudaEventDisableTiming));
+    const cudaError_t err = cudaEventCreateWithFlags(&e->event, cudaEventDisableTiming);
+    if (unloading(err)) return nullptr;
+    C10_CUDA_CHECK(err);
     all_.push_back(std::move(e));
     return all_.back().get();
   }
@@ -96,6 +148,7 @@ class CudaDeviceBackend final : public Backend {
  public:
   explicit CudaDeviceBackend(int device) : device_(device), name_("cuda:" + std::to_string(device)) {}
   const char* name() const override { return name_.c_str(); }
+  int device() const { return device_; }
 
   void* allocate(std::size_t nbytes) override {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
@@ -110,7 +163,8 @@ class CudaDeviceBackend final : public Backend {
   }
   void deallocate(void* ptr, std::size_t /*nbytes*/) override {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
-    C10_CUDA_CHECK(cudaFree(ptr));
+    const cudaError_t err = cudaFree(ptr);
+    if (!unloading(err)) C10_CUDA_CHECK(err);
   }
   std::optional<MemInfo> mem_info() override {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
@@ -118,8 +172,8 @@ class CudaDeviceBackend final : public Backend {
     C10_CUDA_CHECK(cudaMemGetInfo(&free, &total));
     return MemInfo{free, total};
   }
-  EventId record_event(StreamId stream) override {
-    return events().record(reinterpret_cast<cudaStream_t>(stream), device_);
+  EventId record_event(StreamId stream, int device) override {
+    return events().record(reinterpret_cast<cudaStream_t>(stream), device == kOwnDevice ? device_ : device);
   }
   bool query_event(EventId e) override { return events().query(e); }
   void synchronize_event(EventId e) override { events().synchronize(e); }
@@ -142,22 +196,237 @@ DeviceRegistry& registry() {
   return r.get();
 }
 
+void check_device(int device) {
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "torch_wsl allocator: device index ", device, " out of range [0, ",
+              kMaxDevices, ")");
+}
+
 CachingAllocator& device_ref(int device) {
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, "torch_wsl allocator: device index ", device, " out of range");
+  check_device(device);
   CachingAllocator* a = registry().fast[device].load(std::memory_order_acquire);
   return a != nullptr ? *a : *device_allocator(device, true);
 }
+
+int device_of(const CachingAllocator& a) {
+  return static_cast<const CudaDeviceBackend&>(*a.backend_ptr()).device();
+}
+
+// A stream's device as the core wants it: kOwnDevice for the allocator's own.
+int use_device(const CachingAllocator& a, int stream_device) {
+  return stream_device == device_of(a) ? kOwnDevice : stream_device;
+}
+
+StreamId stream_id(cudaStream_t s) { return reinterpret_cast<StreamId>(s); }
+
+PoolId pool_id(const c10::cuda::MempoolId_t& id) {
+  return {static_cast<std::uint64_t>(id.first), static_cast<std::uint64_t>(id.second)};
+}
+
+// A CUDA out-of-memory error as PyTorch raises it (torch.OutOfMemoryError in Python).
+template <class F>
+auto translate_oom(F&& f) {
+  try {
+    return f();
+  } catch (const OutOfMemoryError& e) {
+    TORCH_CHECK_WITH(OutOfMemoryError, false, e.what());
+  }
+}
+
+template <class A>
+void copy_stat(const Stat& from, A& to) {
+  to.current = from.current;
+  to.peak = from.peak;
+  to.allocated = from.allocated;
+  to.freed = from.freed;
+}
+
+template <class A>
+void copy_stat_array(const StatArray& from, A& to) {
+  for (std::size_t i = 0; i < 3 && i < to.size(); ++i) copy_stat(from[i], to[i]);
+}
+
+// Deleter of DataPtrs from allocate(): the context is the core's block handle,
+// so neither the pointer map nor a device lookup is needed.
+void delete_block(void* ctx) noexcept {
+  if (ctx == nullptr) return;
+  no_throw([&] { CachingAllocator::release(static_cast<Block*>(ctx)); });
+}
+
+// raw_deleter() / raw_delete(): a pointer from raw_alloc, found in the
+// devices' pointer maps.
+void delete_raw(void* ptr) noexcept {
+  if (ptr == nullptr) return;
+  no_throw([&] {
+    for (auto& slot : registry().fast)
+      if (CachingAllocator* a = slot.load(std::memory_order_acquire))
+        if (a->try_free(ptr)) return;
+    report_deleter_error("free of a pointer torch_wsl's CUDA allocator did not hand out, or freed twice");
+  });
+}
+
+// Whether torch's CUDAAllocator announces stream captures itself
+// (markCaptureBegin/End, newer torch); older ones only route allocations
+// to pools, and then a routed pool is treated as a capture.
+template <class T, class = void>
+struct HasMarkCapture : std::false_type {};
+template <class T>
+struct HasMarkCapture<T, std::void_t<decltype(&T::markCaptureBegin)>> : std::true_type {};
+constexpr bool kTorchMarksCaptures = HasMarkCapture<c10::cuda::CUDACachingAllocator::CUDAAllocator>::value;
+
+using Pluggable = torch::cuda::CUDAPluggableAllocator::CUDAPluggableAllocator;
+
+class DeviceAllocator final : public Pluggable {
+ public:
+  DeviceAllocator() : Pluggable(&torch_wsl_malloc, &torch_wsl_free) {
+    set_reset_fn([] {  // torch.cuda.empty_cache()
+      for (auto& slot : registry().fast)
+        if (CachingAllocator* a = slot.load(std::memory_order_acquire)) {
+          try {
+            a->empty_cache();
+          } catch (const std::logic_error& e) {  // during a capture
+            TORCH_CHECK(false, "torch_wsl allocator: ", e.what());
+          }
+        }
+    });
+    set_memory_fraction_fn([](double fraction, int device) {  // torch.cuda.set_per_process_memory_fraction
+      TORCH_CHECK(fraction >= 0 && fraction <= 1, "set_per_process_memory_fraction: expected a fraction in [0, 1], got ",
+                  fraction);
+      device_ref(device).set_memory_fraction(fraction);
+    });
+  }
+
+  std::string name() override { return "torch_wsl"; }
+
+  c10::DataPtr allocate(size_t nbytes) override {
+    const c10::DeviceIndex device = c10::cuda::current_device();
+    const c10::Device where(c10::DeviceType::CUDA, device);
+    if (nbytes == 0) return {nullptr, nullptr, &delete_block, where};
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+    CachingAllocator& a = device_ref(device);
+    const Allocation got = translate_oom([&] { return a.allocate(nbytes, stream_id(stream)); });
+    return {got.ptr, got.handle, &delete_block, where};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &delete_raw; }
+  void* raw_alloc(size_t nbytes) override {
+    return raw_alloc_with_stream(nbytes, c10::cuda::getCurrentCUDAStream().stream());
+  }
+  void* raw_alloc_with_stream(size_t nbytes, cudaStream_t stream) override {
+    if (nbytes == 0) return nullptr;
+    CachingAllocator& a = device_ref(c10::cuda::current_device());
+    return translate_oom([&] { return a.malloc(nbytes, stream_id(stream)); });
+  }
+  void raw_delete(void* ptr) override { delete_raw(ptr); }
+
+  using Pluggable::recordStream;
+  void recordStream(const c10::DataPtr& ptr, c10::cuda::CUDAStream stream) override {
+    if (ptr.get() == nullptr) return;
+    const StreamId s = stream_id(stream.stream());
+    if (ptr.get_deleter() == &delete_block) {
+      auto* b = static_cast<Block*>(ptr.get_context());
+      CachingAllocator& a = CachingAllocator::owner(b);
+      a.record_stream(b, s, use_device(a, stream.device_index()));
+    } else if (ptr.get_deleter() == &delete_raw) {
+      for (auto& slot : registry().fast)
+        if (CachingAllocator* a = slot.load(std::memory_order_acquire))
+          if (a->try_record_stream(ptr.get(), s, use_device(*a, stream.device_index()))) return;
+    }
+    // Not ours (from_blob and the like): nothing to do, as in PyTorch's allocator.
+  }
+
+  // cuDNN sizes its benchmark workspace from this: the largest block that
+  // could be had without an error -- a cached free block, or fresh memory
+  // within the budget and what the driver reports free.
+  void cacheInfo(c10::DeviceIndex device, size_t* largest) override {
+    CachingAllocator& a = device_ref(device);
+    if (*largest == 0) {
+      c10::cuda::CUDAGuard guard(device);
+      std::size_t free = 0, total = 0;
+      C10_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+      *largest = std::min(free, a.budget_headroom());
+    }
+    *largest = std::max<std::size_t>(*largest, a.largest_free_block());
+  }
+
+  c10::CachingDeviceAllocator::DeviceStats getDeviceStats(c10::DeviceIndex device) override {
+    check_device(device);
+    c10::CachingDeviceAllocator::DeviceStats out;
+    const std::shared_ptr<CachingAllocator> a = device_allocator(device, false);
+    if (!a) return out;  // never used: all zeros, as PyTorch reports
+    const Stats s = a->stats();
+    copy_stat_array(s.allocation, out.allocation);
+    copy_stat_array(s.segment, out.segment);
+    copy_stat_array(s.active, out.active);
+    copy_stat_array(s.inactive_split, out.inactive_split);
+    copy_stat_array(s.allocated_bytes, out.allocated_bytes);
+    copy_stat_array(s.reserved_bytes, out.reserved_bytes);
+    copy_stat_array(s.active_bytes, out.active_bytes);
+    copy_stat_array(s.inactive_split_bytes, out.inactive_split_bytes);
+    copy_stat_array(s.requested_bytes, out.requested_bytes);
+    copy_stat(s.oversize_allocations, out.oversize_allocations);
+    copy_stat(s.oversize_segments, out.oversize_segments);
+    out.num_alloc_retries = s.num_alloc_retries;
+    out.num_ooms = s.num_ooms;
+    out.num_sync_all_streams = s.num_sync_all_streams;
+    out.num_device_alloc = s.num_device_alloc;
+    out.num_device_free = s.num_device_free;
+    out.max_split_size = s.max_split_size;
+    return out;
+  }
+  void resetAccumulatedStats(c10::DeviceIndex device) override {
+    check_device(device);
+    if (auto a = device_allocator(device, false)) a->reset_accumulated_stats();
+  }
+  void resetPeakStats(c10::DeviceIndex device) override {
+    check_device(device);
+    if (auto a = device_allocator(device, false)) a->reset_peak_stats();
+  }
+
+  // CUDA graph capture (torch.cuda.graph, make_graphed_callables,
+  // torch.compile's cudagraphs) and torch.cuda.use_mem_pool: see the core's
+  // private pools.
+  void beginAllocateToPool(c10::DeviceIndex device, c10::cuda::MempoolId_t mempool_id,
+                           std::function<bool(cudaStream_t)> filter) override {
+    CachingAllocator& a = device_ref(device);
+    a.begin_allocate_to_pool(pool_id(mempool_id),
+                             [f = std::move(filter)](StreamId s) { return f(reinterpret_cast<cudaStream_t>(s)); });
+    if (!kTorchMarksCaptures) a.capture_begin();
+  }
+  void endAllocateToPool(c10::DeviceIndex device, c10::cuda::MempoolId_t mempool_id) override {
+    CachingAllocator& a = device_ref(device);
+    a.end_allocate_to_pool(pool_id(mempool_id));
+    if (!kTorchMarksCaptures) a.capture_end();
+  }
+  void releasePool(c10::DeviceIndex device, c10::cuda::MempoolId_t mempool_id) override {
+    device_ref(device).release_pool(pool_id(mempool_id));
+  }
+  // These exist in newer torch only, so they are declared without
+  // `override`: where the base class has them they override it, elsewhere
+  // they are never called.
+  void markCaptureBegin(c10::DeviceIndex device) { device_ref(device).capture_begin(); }
+  void markCaptureEnd(c10::DeviceIndex device) { device_ref(device).capture_end(); }
+  int getPoolUseCount(c10::DeviceIndex device, c10::cuda::MempoolId_t mempool_id) {
+    return device_ref(device).pool_use_count(pool_id(mempool_id));
+  }
+  void createOrIncrefPool(c10::DeviceIndex device, c10::cuda::MempoolId_t mempool_id,
+                          std::shared_ptr<c10::cuda::CUDACachingAllocator::CUDAAllocator> /*allocator*/ = nullptr) {
+    device_ref(device).create_or_incref_pool(pool_id(mempool_id));
+  }
+};
 
 }  // namespace
 
 void set_device_policy(const Policy& policy) {
   policy.validate();
+  TORCH_CHECK(policy.min_block_size >= 512,
+              "torch_wsl CUDA allocator: expected min_block_size >= 512 bytes (the alignment cuBLASLt, Triton and "
+              "Inductor rely on), got ",
+              policy.min_block_size);
   std::lock_guard<std::mutex> g(registry().mutex);
   registry().policy = policy;
 }
 
 std::shared_ptr<CachingAllocator> device_allocator(int device, bool create) {
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, "torch_wsl allocator: device index ", device, " out of range");
+  check_device(device);
   DeviceRegistry& r = registry();
   std::lock_guard<std::mutex> g(r.mutex);
   if (!r.owned[device] && create) {
@@ -167,24 +436,17 @@ std::shared_ptr<CachingAllocator> device_allocator(int device, bool create) {
   return r.owned[device];
 }
 
-void install_device_hooks() {
-  auto* pluggable =
-      dynamic_cast<torch::cuda::CUDAPluggableAllocator::CUDAPluggableAllocator*>(c10::cuda::CUDACachingAllocator::get());
-  TORCH_CHECK(pluggable != nullptr,
-              "torch_wsl: the current CUDA allocator is not the pluggable allocator torch_wsl installed");
-  pluggable->set_record_stream_fn([](void* ptr, cudaStream_t stream) {
-    for (auto& slot : registry().fast)
-      if (CachingAllocator* a = slot.load(std::memory_order_acquire))
-        if (a->try_record_stream(ptr, reinterpret_cast<StreamId>(stream))) return;
-  });
-  pluggable->set_reset_fn([] {  // torch.cuda.empty_cache()
-    for (auto& slot : registry().fast)
-      if (CachingAllocator* a = slot.load(std::memory_order_acquire)) a->empty_cache();
-  });
-  pluggable->set_memory_fraction_fn([](double fraction, int device) {
-    device_allocator(device, true)->set_budget(std::nullopt, fraction);
-  });
+void install_device_allocator() {
+  static NoDestructor<std::shared_ptr<DeviceAllocator>> instance;  // outlives every tensor
+  std::shared_ptr<DeviceAllocator>& a = instance.get();
+  if (a && c10::cuda::CUDACachingAllocator::get() == a.get()) return;
+  auto fresh = std::make_shared<DeviceAllocator>();
+  // Raises "Can't swap an already initialized allocator" once CUDA is in use.
+  torch::cuda::CUDAPluggableAllocator::changeCurrentAllocator(fresh);
+  a = std::move(fresh);
 }
+
+std::int64_t deleter_errors() { return g_deleter_errors.load(); }
 
 DriverCost measure_driver_cost(int device, std::size_t nbytes, int reps) {
   TORCH_CHECK(reps > 0 && nbytes > 0, "measure_driver_cost: reps and nbytes must be > 0");
@@ -210,99 +472,140 @@ DriverCost measure_driver_cost(int device, std::size_t nbytes, int reps) {
   return DriverCost{median(m), median(f)};
 }
 
+std::string try_host_alloc(std::size_t nbytes) {
+  void* p = nullptr;
+  const cudaError_t err = cudaHostAlloc(&p, nbytes, cudaHostAllocDefault);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return cudaGetErrorString(err);
+  }
+  C10_CUDA_CHECK(cudaFreeHost(p));
+  return "";
+}
+
 // ------------------------------------------------------------ pinned host memory
 
-PinnedHostBackend::PinnedHostBackend(std::size_t pinned_budget_bytes)
-    : budget_(pinned_budget_bytes), pageable_(HostConfig{64, false, 2 << 20}) {}
+PinnedHostBackend::PinnedHostBackend(std::size_t pinned_budget_bytes) : budget_(pinned_budget_bytes) {}
 
 void* PinnedHostBackend::allocate(std::size_t nbytes) {
-  std::string reason;
-  bool try_pinned;
   {
     std::lock_guard<std::mutex> g(mutex_);
-    try_pinned = counters_.pinned_bytes + nbytes <= budget_;
-    if (try_pinned) counters_.pinned_bytes += nbytes;  // reserved while the driver is asked
-    else ++counters_.budget_refusals;
-  }
-  if (try_pinned) {
-    void* p = nullptr;
-    const cudaError_t err = cudaHostAlloc(&p, nbytes, cudaHostAllocDefault);
-    std::lock_guard<std::mutex> g(mutex_);
-    if (err == cudaSuccess) {
-      pinned_[reinterpret_cast<std::uintptr_t>(p)] = true;
-      ++counters_.pinned_segments;
-      return p;
+    if (counters_.pinned_bytes + nbytes > budget_) {
+      ++counters_.budget_refusals;
+      last_refusal_ = "the pinned budget of " + format_bytes(budget_) + " is used up";
+      return nullptr;
     }
-    (void)cudaGetLastError();
-    counters_.pinned_bytes -= nbytes;
-    ++counters_.driver_refusals;
-    reason = std::string("the driver refused cudaHostAlloc (") + cudaGetErrorString(err) + ")";
-  } else {
-    reason = "the pinned budget of " + format_bytes(budget_) + " is used up";
+    counters_.pinned_bytes += nbytes;  // reserved while the driver is asked
   }
-  void* q = pageable_.allocate(nbytes);
-  if (q == nullptr) return nullptr;
+  void* p = nullptr;
+  const cudaError_t err = cudaHostAlloc(&p, nbytes, cudaHostAllocDefault);
   std::lock_guard<std::mutex> g(mutex_);
-  pinned_[reinterpret_cast<std::uintptr_t>(q)] = false;
-  ++counters_.pageable_segments;
-  counters_.pageable_bytes += nbytes;
-  if (!warned_) {
-    warned_ = true;
-    warning_ = "torch_wsl: pinned host memory falls back to pageable memory (" + reason +
-               "); copies from these buffers are correct but synchronous. WSL2 limits pinned memory "
-               "(microsoft/WSL#14078, #8447); the budget comes from torch_wsl.env.recommended_settings()"
-               ".pinned_budget_bytes and can be set with TORCH_WSL_ALLOC_CONF=pinned.budget:<bytes>. "
-               "This warning is shown once.";
+  if (err == cudaSuccess) {
+    ++counters_.pinned_segments;
+    return p;
   }
-  return q;
+  (void)cudaGetLastError();
+  counters_.pinned_bytes -= nbytes;
+  ++counters_.driver_refusals;
+  last_refusal_ = std::string("the driver refused cudaHostAlloc (") + cudaGetErrorString(err) + ")";
+  return nullptr;
 }
 
 void PinnedHostBackend::deallocate(void* ptr, std::size_t nbytes) {
-  bool pinned;
   {
     std::lock_guard<std::mutex> g(mutex_);
-    auto it = pinned_.find(reinterpret_cast<std::uintptr_t>(ptr));
-    TORCH_CHECK(it != pinned_.end(), "torch_wsl pinned backend: deallocate of an unknown region");
-    pinned = it->second;
-    pinned_.erase(it);
-    if (pinned) {
-      --counters_.pinned_segments;
-      counters_.pinned_bytes -= nbytes;
-    } else {
-      --counters_.pageable_segments;
-      counters_.pageable_bytes -= nbytes;
-    }
+    --counters_.pinned_segments;
+    counters_.pinned_bytes -= nbytes;
   }
-  if (pinned) C10_CUDA_CHECK(cudaFreeHost(ptr));
-  else pageable_.deallocate(ptr, nbytes);
+  const cudaError_t err = cudaFreeHost(ptr);
+  if (!unloading(err)) C10_CUDA_CHECK(err);
 }
 
-EventId PinnedHostBackend::record_event(StreamId stream) {
-  const auto s = reinterpret_cast<cudaStream_t>(stream);
-  int device = 0;
-  C10_CUDA_CHECK(cudaStreamGetDevice(s, &device));
-  return events().record(s, device);
+// A pinned block is used by copies on CUDA streams of any device: each event
+// is recorded on the stream's own device (a bare cudaStream_t would not say
+// which: the default stream is 0 on every device).
+EventId PinnedHostBackend::record_event(StreamId stream, int device) {
+  return events().record(reinterpret_cast<cudaStream_t>(stream),
+                         device == kOwnDevice ? static_cast<int>(c10::cuda::current_device()) : device);
 }
 bool PinnedHostBackend::query_event(EventId e) { return events().query(e); }
 void PinnedHostBackend::synchronize_event(EventId e) { events().synchronize(e); }
 void PinnedHostBackend::release_event(EventId e) { events().release(e); }
-
-std::string PinnedHostBackend::take_warning() {
-  std::lock_guard<std::mutex> g(mutex_);
-  return std::exchange(warning_, std::string());
-}
 
 PinnedHostBackend::Counters PinnedHostBackend::counters() const {
   std::lock_guard<std::mutex> g(mutex_);
   return counters_;
 }
 
+std::string PinnedHostBackend::last_refusal() const {
+  std::lock_guard<std::mutex> g(mutex_);
+  return last_refusal_;
+}
+
+PinnedPool::PinnedPool(const Policy& policy, std::size_t pinned_budget_bytes)
+    : backend_(std::make_shared<PinnedHostBackend>(pinned_budget_bytes)),
+      pinned_(std::make_shared<CachingAllocator>(backend_, policy)),
+      pageable_(std::make_shared<CachingAllocator>(std::make_shared<HostBackend>(HostConfig{64, false, 2 << 20}),
+                                                   policy)) {}
+
+Allocation PinnedPool::allocate(std::size_t nbytes) {
+  if (nbytes == 0) return {};
+  try {
+    return pinned_->allocate(nbytes, kHostStream);
+  } catch (const OutOfMemoryError&) {
+    return fall_back(nbytes, backend_->last_refusal());
+  }
+}
+
+Allocation PinnedPool::fall_back(std::size_t nbytes, const std::string& why) {
+  const Allocation a = pageable_->allocate(nbytes, kHostStream);
+  note_fallback(why);
+  return a;
+}
+
+void PinnedPool::note_fallback(const std::string& why) {
+  std::lock_guard<std::mutex> g(mutex_);
+  if (warned_) return;
+  warned_ = true;
+  warning_ = "torch_wsl: pinned host memory falls back to pageable memory (" +
+             (why.empty() ? std::string("the pinned pool is out of memory") : why) +
+             "); copies from these buffers are correct but synchronous. WSL2 limits pinned memory "
+             "(microsoft/WSL#14078, #8447); the budget comes from torch_wsl.env.recommended_settings()"
+             ".pinned_budget_bytes and can be set with TORCH_WSL_ALLOC_CONF=pinned.budget:<bytes>. "
+             "This warning is shown once.";
+}
+
+void* PinnedPool::malloc(std::size_t nbytes) {
+  if (nbytes == 0) return nullptr;
+  try {
+    return pinned_->malloc(nbytes, kHostStream);
+  } catch (const OutOfMemoryError&) {
+  }
+  void* p = pageable_->malloc(nbytes, kHostStream);
+  note_fallback(backend_->last_refusal());
+  return p;
+}
+
+void PinnedPool::free(void* ptr) {
+  if (ptr == nullptr || pinned_->try_free(ptr) || pageable_->try_free(ptr)) return;
+  throw std::invalid_argument("free(): the pointer was not allocated by this pinned pool, or was freed already");
+}
+
+void PinnedPool::empty_cache() {
+  pinned_->empty_cache();
+  pageable_->empty_cache();
+}
+
+std::string PinnedPool::take_warning() {
+  std::lock_guard<std::mutex> g(mutex_);
+  return std::exchange(warning_, std::string());
+}
+
 namespace {
 
 struct PinnedState {
   std::mutex mutex;
-  std::shared_ptr<CachingAllocator> pool;
-  std::shared_ptr<PinnedHostBackend> backend;
+  std::shared_ptr<PinnedPool> pool;
 };
 
 PinnedState& pinned_state() {
@@ -310,81 +613,70 @@ PinnedState& pinned_state() {
   return s.get();
 }
 
+PinnedPool& pinned_ref() { return *pinned_state().pool; }
+
 // PyTorch's CUDA host allocator interface over the pinned pool. The DataPtr
-// context is the allocation's base pointer, which record_event uses to find
-// the block (a view's data pointer may point inside it).
+// context is the block handle, which knows its pool (pinned or pageable).
 class PinnedHostAllocator final : public at::HostAllocator {
  public:
   at::DataPtr allocate(size_t nbytes) override {
     const c10::Device cpu(c10::DeviceType::CPU);
     if (nbytes == 0) return {nullptr, nullptr, &release, cpu};
-    PinnedState& s = pinned_state();
-    void* p;
-    try {
-      p = s.pool->malloc(nbytes, kHostStream);
-    } catch (const OutOfMemoryError& e) {
-      TORCH_CHECK_WITH(OutOfMemoryError, false, e.what());
-    }
-    const std::string warning = s.backend->take_warning();
+    PinnedPool& pool = pinned_ref();
+    const Allocation a = translate_oom([&] { return pool.allocate(nbytes); });
+    const std::string warning = pool.take_warning();
     if (!warning.empty()) TORCH_WARN(warning);
-    return {p, p, &release, cpu};
+    return {a.ptr, a.handle, &release, cpu};
   }
   bool record_event(void* /*ptr*/, void* ctx, c10::Stream stream) override {
     if (stream.device_type() != c10::DeviceType::CUDA || ctx == nullptr) return false;
+    auto* b = static_cast<Block*>(ctx);
     const c10::cuda::CUDAStream cs(c10::cuda::CUDAStream::UNCHECKED, stream);
-    return pinned_state().pool->try_record_stream(ctx, reinterpret_cast<StreamId>(cs.stream()));
+    CachingAllocator::owner(b).record_stream(b, stream_id(cs.stream()), static_cast<int>(stream.device_index()));
+    return true;
   }
-  void empty_cache() override { pinned_state().pool->empty_cache(); }
+  void empty_cache() override { pinned_ref().empty_cache(); }
   at::HostStats get_stats() override {
-    const Stats st = pinned_state().pool->stats();
+    const Stats st = pinned_ref().pinned().stats();
     at::HostStats h;
-    auto copy = [](const Stat& from, c10::CachingAllocator::Stat& to) {
-      to.current = from.current;
-      to.peak = from.peak;
-      to.allocated = from.allocated;
-      to.freed = from.freed;
-    };
-    copy(st.allocation[kAll], h.active_requests);
-    copy(st.allocated_bytes[kAll], h.active_bytes);
-    copy(st.segment[kAll], h.allocations);
-    copy(st.reserved_bytes[kAll], h.allocated_bytes);
+    copy_stat(st.allocation[kAll], h.active_requests);
+    copy_stat(st.allocated_bytes[kAll], h.active_bytes);
+    copy_stat(st.segment[kAll], h.allocations);
+    copy_stat(st.reserved_bytes[kAll], h.allocated_bytes);
     h.num_host_alloc = st.num_device_alloc;
     h.num_host_free = st.num_device_free;
     return h;
   }
-  void reset_accumulated_stats() override { pinned_state().pool->reset_accumulated_stats(); }
-  void reset_peak_stats() override { pinned_state().pool->reset_peak_stats(); }
+  void reset_accumulated_stats() override { pinned_ref().pinned().reset_accumulated_stats(); }
+  void reset_peak_stats() override { pinned_ref().pinned().reset_peak_stats(); }
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
 
  private:
-  static void release(void* ptr) {
-    if (ptr != nullptr) pinned_state().pool->free(ptr);
+  static void release(void* ctx) noexcept {
+    if (ctx != nullptr) no_throw([&] { CachingAllocator::release(static_cast<Block*>(ctx)); });
   }
 };
 
 }  // namespace
 
-std::shared_ptr<CachingAllocator> pinned_pool(const Policy& policy, std::size_t pinned_budget_bytes) {
+std::shared_ptr<PinnedPool> process_pinned_pool(const Policy& policy, std::size_t pinned_budget_bytes) {
   PinnedState& s = pinned_state();
   std::lock_guard<std::mutex> g(s.mutex);
-  if (!s.pool) {
-    s.backend = std::make_shared<PinnedHostBackend>(pinned_budget_bytes);
-    s.pool = std::make_shared<CachingAllocator>(s.backend, policy);
-  }
+  if (!s.pool) s.pool = std::make_shared<PinnedPool>(policy, pinned_budget_bytes);
   return s.pool;
 }
 
-std::shared_ptr<CachingAllocator> pinned_pool_if_created() {
+std::shared_ptr<PinnedPool> process_pinned_pool_if_created() {
   PinnedState& s = pinned_state();
   std::lock_guard<std::mutex> g(s.mutex);
   return s.pool;
 }
 
 void install_pinned_host_allocator() {
-  TORCH_CHECK(pinned_pool_if_created() != nullptr, "torch_wsl: create the pinned pool before installing it");
+  TORCH_CHECK(process_pinned_pool_if_created() != nullptr, "torch_wsl: create the pinned pool before installing it");
   static NoDestructor<PinnedHostAllocator> instance;
   at::setHostAllocator(at::kCUDA, &instance.get(), /*priority=*/1);
   TORCH_CHECK(at::getHostAllocator(at::kCUDA) == &instance.get(),
@@ -394,22 +686,22 @@ void install_pinned_host_allocator() {
 
 }  // namespace torch_wsl::alloc::cuda
 
-// ------------------------------------------------------------ entry points for CUDAPluggableAllocator
-// Signatures required by torch.cuda.memory.CUDAPluggableAllocator. An
-// out-of-memory error is raised as c10::OutOfMemoryError, which reaches
-// Python as torch.OutOfMemoryError carrying the allocator's statistics.
+// ------------------------------------------------------------ C entry points
+// The signatures of torch.cuda.memory.CUDAPluggableAllocator, for users who
+// load torch_wsl's allocator that way; install_device_allocator() does not
+// need them. Out of memory raises c10::OutOfMemoryError (torch.OutOfMemoryError).
 extern "C" __attribute__((visibility("default"))) void* torch_wsl_malloc(ssize_t size, int device,
                                                                          cudaStream_t stream) {
   using namespace torch_wsl::alloc;
   CachingAllocator& a = cuda::device_ref(device);
-  try {
-    return a.malloc(static_cast<std::size_t>(size), reinterpret_cast<StreamId>(stream));
-  } catch (const OutOfMemoryError& e) {
-    TORCH_CHECK_WITH(OutOfMemoryError, false, e.what());
-  }
+  return cuda::translate_oom([&] { return a.malloc(static_cast<std::size_t>(size), reinterpret_cast<StreamId>(stream)); });
 }
 
 extern "C" __attribute__((visibility("default"))) void torch_wsl_free(void* ptr, ssize_t /*size*/, int device,
                                                                       cudaStream_t /*stream*/) {
-  torch_wsl::alloc::cuda::device_ref(device).free(ptr);
+  using namespace torch_wsl::alloc::cuda;
+  no_throw([&] {
+    if (!device_ref(device).try_free(ptr) && ptr != nullptr)
+      report_deleter_error("free of a pointer torch_wsl's CUDA allocator did not hand out, or freed twice");
+  });
 }

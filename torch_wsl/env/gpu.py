@@ -51,26 +51,38 @@ class GpuProbeResult:
 
 
 _PINNED_SCRIPT = r"""
-import json, sys, time
+import ctypes, json, sys, time
 import torch
 cap, start, budget = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 deadline = time.monotonic() + budget
 out = {}
+def load_cudart():
+    # torch has loaded its CUDA runtime already: dlopen by soname returns that one.
+    major = (torch.version.cuda or "").split(".")[0]
+    for name in (f"libcudart.so.{major}", "libcudart.so"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            pass
+    return None
+cudart = load_cudart() if torch.cuda.is_available() else None
 if not torch.cuda.is_available():
     out["skipped"] = "torch sees no CUDA device"
+elif cudart is None:
+    out["skipped"] = "the CUDA runtime library could not be loaded"
 else:
     torch.cuda.init()
-    empty = getattr(torch._C, "_host_emptyCache", lambda: None)
+    cudart.cudaGetErrorString.restype = ctypes.c_char_p
+    # cudaHostAlloc directly: PyTorch's host allocator rounds every request up
+    # to a power of two, which would put the ceiling off by up to 2x.
     def try_pin(n):
-        try:
-            t = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-            ok = bool(t.is_pinned())
-            del t
-            return ok, None
-        except Exception as e:
-            return False, (str(e).splitlines() or [type(e).__name__])[0][:300]
-        finally:
-            empty()
+        p = ctypes.c_void_p()
+        err = cudart.cudaHostAlloc(ctypes.byref(p), ctypes.c_size_t(n), ctypes.c_uint(0))
+        if err != 0:
+            cudart.cudaGetLastError()
+            return False, cudart.cudaGetErrorString(err).decode(errors="replace")[:300]
+        cudart.cudaFreeHost(p)
+        return True, None
     best, bad, err, size = 0, None, None, start
     while size <= cap and time.monotonic() < deadline:
         ok, e = try_pin(size)
@@ -161,8 +173,10 @@ def probe_pinned_ceiling(
     """Largest single pinned (page-locked) host allocation that succeeds, in bytes.
 
     Doubles from 64 MiB up to ``max_bytes`` and bisects after the first
-    failure, emptying torch's host cache between attempts. ``value`` is the
-    ceiling; ``detail`` says whether it was capped by ``max_bytes``.
+    failure, calling ``cudaHostAlloc``/``cudaFreeHost`` directly (PyTorch's
+    host allocator rounds requests up to powers of two, which would put the
+    ceiling off by up to 2x). ``value`` is the ceiling; ``detail`` says
+    whether it was capped by ``max_bytes``.
     """
     env = env or real_env()
     name = "pinned_ceiling"

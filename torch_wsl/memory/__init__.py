@@ -45,6 +45,7 @@ __all__ = [
     "CachingAllocator",
     "HostBackend",
     "NoCachingAllocator",
+    "PinnedPool",
     "SimulatedBackend",
     "Trace",
     "disable",
@@ -89,21 +90,27 @@ def _make_backend(backend: Union[str, Any]) -> Any:
     if backend == "host":
         return HostBackend()
     if backend in ("cuda_pinned", "pinned"):
-        if not HAS_CUDA_ALLOCATOR:
-            raise RuntimeError("this build of torch_wsl has no CUDA backends (built without CUDA)")
+        _require_cuda_build("the cuda_pinned backend")
         from ..env import recommended_settings
 
         return _A.PinnedHostBackend(recommended_settings().pinned_budget_bytes)
     raise ValueError(f"backend must be 'simulated', 'host', 'cuda_pinned' or a backend object, not {backend!r}")
 
 
+def _require_cuda_build(what: str) -> None:
+    if not HAS_CUDA_ALLOCATOR:
+        raise RuntimeError(f"{what}: this build of torch_wsl has no CUDA backends (built without CUDA)")
+
+
 class CachingAllocator:
     """A standalone caching allocator, for tests and benchmarks.
 
-    ``backend``: ``"simulated"`` (default), ``"host"``, ``"cuda_pinned"``, or
-    a backend object (:data:`SimulatedBackend`, :data:`HostBackend`,
-    ``PinnedHostBackend``). ``policy``: the fields listed in the module doc
-    (``budget`` included). Pointers are ints.
+    ``backend``: ``"simulated"`` (default), ``"host"``, ``"cuda_pinned"``
+    (pinned memory only: past its budget it raises ``torch.OutOfMemoryError``;
+    :class:`PinnedPool` adds the pageable fallback), or a backend object
+    (:data:`SimulatedBackend`, :data:`HostBackend`, ``PinnedHostBackend``).
+    ``policy``: the fields listed in the module doc (``budget`` included).
+    Pointers are ints.
     """
 
     def __init__(self, backend: Union[str, Any] = "simulated", **policy: Any) -> None:
@@ -116,19 +123,15 @@ class CachingAllocator:
         """Allocate ``nbytes`` on ``stream`` (a cudaStream_t value; 0 is the default stream)."""
         if self._pinned and stream == 0:
             stream = _A.HOST_STREAM
-        ptr = self._impl.malloc(nbytes, stream)
-        if self._pinned:
-            message = self.backend.take_warning()
-            if message:
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
-        return ptr
+        return self._impl.malloc(nbytes, stream)
 
     def free(self, ptr: int) -> None:
         self._impl.free(ptr)
 
-    def record_stream(self, ptr: int, stream: int) -> None:
-        """The block is also used on ``stream``: after free() it is reused only once that stream's work is done."""
-        self._impl.record_stream(ptr, stream)
+    def record_stream(self, ptr: int, stream: int, device: int = -1) -> None:
+        """The block is also used on ``stream`` (of ``device``; -1: the backend's own): after free() it is
+        reused only once that stream's work is done."""
+        self._impl.record_stream(ptr, stream, device)
 
     def stats(self) -> dict[str, int]:
         """Statistics with the keys of ``torch.cuda.memory_stats()`` plus ``num_device_alloc``/``num_device_free``."""
@@ -158,8 +161,58 @@ class CachingAllocator:
     def policy(self) -> dict[str, Any]:
         return self._impl.policy
 
+    def set_memory_fraction(self, fraction: float) -> int:
+        """Cap reserved bytes at ``fraction`` of the backend's total memory (as
+        ``torch.cuda.set_per_process_memory_fraction`` does), alongside the budget. Returns the budget."""
+        return self._impl.set_memory_fraction(fraction)
+
     def reset_peak_stats(self) -> None:
         self._impl.reset_peak_stats()
+
+
+class PinnedPool:
+    """Pinned host memory with a pageable fallback kept apart (what ``enable("pinned")`` installs).
+
+    Requests come from a pool of ``cudaHostAlloc`` segments while they fit
+    ``budget`` bytes and the driver agrees; otherwise from a separate pool of
+    pageable memory, with one ``RuntimeWarning``. A pageable block returns to
+    its own pool, so it is never handed out as pinned later. Needs a build
+    with CUDA; the pageable fallback works without a GPU.
+    """
+
+    def __init__(self, budget: Union[int, str], **policy: Any) -> None:
+        _require_cuda_build("PinnedPool")
+        core, _ = resolve_policy("standalone", policy)
+        self._impl = _A.PinnedPool(core, parse_size(budget))
+
+    def malloc(self, nbytes: int) -> int:
+        ptr = self._impl.malloc(nbytes)
+        message = self._impl.take_warning()
+        if message:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return ptr
+
+    def free(self, ptr: int) -> None:
+        self._impl.free(ptr)
+
+    def empty_cache(self) -> None:
+        self._impl.empty_cache()
+
+    def stats(self) -> dict[str, int]:
+        """The pinned pool's statistics plus ``pageable_fallback.*`` (the fallback pool's current counts)."""
+        return _pinned_stats(self._impl)
+
+    def counters(self) -> dict[str, int]:
+        """The pinned backend's counters: pinned segments and bytes, budget and driver refusals."""
+        return self._impl.backend.counters()
+
+
+def _pinned_stats(pool: Any) -> dict[str, int]:
+    s = dict(pool.pinned.stats())
+    fallback = pool.pageable.stats()
+    for key in ("allocation", "reserved_bytes", "allocated_bytes", "segment"):
+        s[f"pageable_fallback.{key}"] = fallback[f"{key}.all.current"]
+    return s
 
 
 class NoCachingAllocator:
@@ -268,9 +321,9 @@ def enable(device: str = "cuda", **policy: Any) -> None:
             held = f", and PyTorch's allocator holds {torch.cuda.memory_reserved()} bytes"
         raise RuntimeError(_ALREADY_INITIALIZED.format(held=held))
     _A.cuda_set_device_policy(core)
-    pluggable = torch.cuda.memory.CUDAPluggableAllocator(_C.__file__, "torch_wsl_malloc", "torch_wsl_free")
-    torch.cuda.memory.change_current_allocator(pluggable)
-    _A.cuda_install_hooks()
+    # A subclass of torch's CUDAPluggableAllocator (csrc/cuda/alloc_cuda.cpp): it also answers
+    # torch.cuda.memory_stats() & co., cuDNN's cacheInfo, and CUDA graph capture's private pools.
+    _A.cuda_install()
     _enabled["cuda"] = True
 
 
@@ -296,7 +349,8 @@ def _allocator(device: Union[str, torch.device, None]) -> Any:
     elif not HAS_CUDA_ALLOCATOR:
         a = None
     elif kind == "pinned":
-        a = _A.pinned_pool_if_created()
+        pool = _A.pinned_pool_if_created()
+        a = pool.pinned if pool is not None else None
     else:
         a = _A.cuda_device_allocator(index, False) if _enabled["cuda"] else None
     if a is None:
@@ -311,7 +365,14 @@ def stats(device: Union[str, torch.device, None] = "cuda") -> dict[str, int]:
     """Statistics of the process-wide allocator for ``device`` ("cpu", "cuda", "cuda:N", "pinned"),
     with the keys of ``torch.cuda.memory_stats()`` plus ``num_device_alloc`` / ``num_device_free``
     (backend calls) and ``budget_bytes``."""
-    return _allocator(device).stats()
+    kind, _ = _device_kind(device)
+    if kind == "pinned":
+        _allocator(device)  # the error if not enabled
+        return _pinned_stats(_A.pinned_pool_if_created())
+    s = dict(_allocator(device).stats())
+    if kind == "cuda":
+        s["num_deleter_errors"] = int(_A.cuda_deleter_errors())
+    return s
 
 
 def memory_snapshot(device: Union[str, torch.device, None] = "cuda") -> list[dict]:
@@ -321,6 +382,11 @@ def memory_snapshot(device: Union[str, torch.device, None] = "cuda") -> list[dic
 
 def empty_cache(device: Union[str, torch.device, None] = "cuda") -> None:
     """Return every fully free cached segment of ``device``'s allocator to the backend."""
+    kind, _ = _device_kind(device)
+    if kind == "pinned":
+        _allocator(device)
+        _A.pinned_pool_if_created().empty_cache()
+        return
     _allocator(device).empty_cache()
 
 

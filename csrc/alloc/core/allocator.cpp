@@ -28,7 +28,9 @@ struct Block {
   int bin = -1;
   BlockState state = BlockState::kFree;
   int pending_events = 0;
-  std::vector<StreamId> stream_uses;  // allocates only when record_stream is used
+  // Streams (and their devices) it is used on besides its own; allocates
+  // only when record_stream is used.
+  std::vector<std::pair<StreamId, int>> stream_uses;
 
   void reset() {
     addr = 0;
@@ -50,8 +52,18 @@ struct FreeBins {
 
 struct StreamPools {
   StreamId stream = 0;
+  PrivatePool* pool = nullptr;  // nullptr: the shared (eager) cache
   FreeBins small;
   FreeBins large;
+};
+
+// A private pool: its own per-stream caches, so its memory serves only the
+// captures (or MemPool scopes) routed to it.
+struct PrivatePool {
+  PoolId id;
+  int use_count = 0;
+  std::int64_t segments = 0;
+  std::vector<std::unique_ptr<StreamPools>> streams;
 };
 
 struct Segment {
@@ -79,6 +91,8 @@ void for_each_stat(Stats& s, F&& f) {
     for (Stat& st : *a) f(st);
   f(s.oversize_allocations);
   f(s.oversize_segments);
+  f(s.private_pools);
+  f(s.private_pool_reserved_bytes);
 }
 
 }  // namespace
@@ -182,7 +196,8 @@ CachingAllocator::CachingAllocator(std::shared_ptr<Backend> backend, Policy poli
   if (!backend_) throw std::invalid_argument("CachingAllocator needs a backend");
   policy_.validate();
   unit_shift_ = __builtin_ctzll(policy_.min_block_size);
-  budget_ = compute_budget(policy_.budget_bytes, policy_.budget_fraction);
+  budget_base_ = compute_budget(policy_.budget_bytes, policy_.budget_fraction);
+  apply_budget_locked();
   trace_.set_capacity(policy_.trace_capacity);
 }
 
@@ -219,11 +234,61 @@ std::size_t CachingAllocator::compute_budget(std::size_t bytes, double fraction)
   return b;
 }
 
+void CachingAllocator::apply_budget_locked() {
+  const std::size_t a = budget_base_, b = budget_fraction_cap_;
+  budget_ = a == 0 ? b : (b == 0 ? a : std::min(a, b));
+}
+
 std::size_t CachingAllocator::set_budget(std::optional<std::size_t> bytes, std::optional<double> fraction) {
   if (fraction && (*fraction < 0 || *fraction > 1)) throw std::invalid_argument("budget fraction must be in [0, 1]");
   Lock lk(mutex_);
-  budget_ = compute_budget(bytes.value_or(0), fraction.value_or(0.0));
+  budget_base_ = compute_budget(bytes.value_or(0), fraction.value_or(0.0));
+  apply_budget_locked();
   return budget_;
+}
+
+std::size_t CachingAllocator::set_memory_fraction(double fraction) {
+  if (!(fraction >= 0 && fraction <= 1)) throw std::invalid_argument("memory fraction must be in [0, 1]");
+  Lock lk(mutex_);
+  std::size_t cap = 0;
+  if (fraction > 0) {
+    const auto info = backend_->mem_info();
+    if (!info)
+      throw std::invalid_argument(std::string("a memory fraction needs a backend that reports its total memory (") +
+                                  backend_->name() + " does not)");
+    cap = std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(info->total_bytes) * fraction));
+  }
+  budget_fraction_cap_ = cap;
+  apply_budget_locked();
+  return budget_;
+}
+
+std::size_t CachingAllocator::budget_headroom() const {
+  Lock lk(mutex_);
+  if (budget_ == 0) return SIZE_MAX;
+  const std::size_t used = static_cast<std::size_t>(stats_.reserved_bytes[kAll].current) + pending_reserve_;
+  return budget_ > used ? budget_ - used : 0;
+}
+
+std::size_t CachingAllocator::largest_free_block() const {
+  Lock lk(mutex_);
+  std::size_t best = 0;
+  auto scan = [&](const FreeBins& fb) {
+    int last = -1;
+    for (int bin = fb.bits.next_at_or_after(0); bin >= 0; bin = fb.bits.next_at_or_after(bin + 1)) last = bin;
+    if (last < 0) return;
+    for (const Block* b = fb.heads[last]; b != nullptr; b = b->bin_next) best = std::max(best, b->size);
+  };
+  for (const auto& p : streams_) {
+    scan(p->small);
+    scan(p->large);
+  }
+  for (const auto& pool : private_pools_)
+    for (const auto& p : pool->streams) {
+      scan(p->small);
+      scan(p->large);
+    }
+  return best;
 }
 
 std::size_t CachingAllocator::budget() const {
@@ -257,18 +322,28 @@ bool CachingAllocator::fits_budget(std::size_t nbytes) const {
 
 // ---------------------------------------------------------------- bins
 
-StreamPools& CachingAllocator::pools_for(StreamId stream) {
-  if (last_pools_ != nullptr && last_pools_->stream == stream) return *last_pools_;
-  for (const auto& p : streams_) {
+StreamPools& CachingAllocator::pools_for(StreamId stream, PrivatePool* pool) {
+  if (last_pools_ != nullptr && last_pools_->stream == stream && last_pools_->pool == pool) return *last_pools_;
+  auto& list = pool != nullptr ? pool->streams : streams_;
+  for (const auto& p : list) {
     if (p->stream == stream) {
       last_pools_ = p.get();
       return *p;
     }
   }
-  streams_.push_back(std::make_unique<StreamPools>());
-  streams_.back()->stream = stream;
-  last_pools_ = streams_.back().get();
+  list.push_back(std::make_unique<StreamPools>());
+  list.back()->stream = stream;
+  list.back()->pool = pool;
+  last_pools_ = list.back().get();
   return *last_pools_;
+}
+
+// The caches a request on `stream` is served from: the first private pool
+// being allocated to whose filter accepts the stream, else the shared cache.
+StreamPools& CachingAllocator::target_pools_locked(StreamId stream) {
+  for (const Routing& r : routing_)
+    if (r.filter(stream)) return pools_for(stream, r.pool);
+  return pools_for(stream, nullptr);
 }
 
 void CachingAllocator::bin_insert(Block* b) {
@@ -352,8 +427,8 @@ Allocation CachingAllocator::allocate(std::size_t nbytes, StreamId stream) {
 Block* CachingAllocator::allocate_locked(Lock& lk, std::size_t nbytes, StreamId stream) {
   if (nbytes > (SIZE_MAX >> 2)) raise_oom_locked(nbytes, nbytes, "the request is larger than any backend can provide");
   const std::size_t size = round_size(nbytes);
-  if (!pending_events_.empty()) process_events_locked();
-  StreamPools& pools = pools_for(stream);
+  if (!pending_events_.empty() && capture_depth_ == 0) process_events_locked();
+  StreamPools& pools = routing_.empty() ? pools_for(stream, nullptr) : target_pools_locked(stream);
   const bool small = size <= policy_.small_size;
   Block* b = best_fit_locked(pools, small, size);
   if (b != nullptr) bin_remove(b);
@@ -423,11 +498,16 @@ Block* CachingAllocator::grow_locked(Lock& lk, StreamPools& pools, bool small, s
       seg->first = b;
       update(stats_.segment, small, 1);
       update(stats_.reserved_bytes, small, static_cast<std::int64_t>(want));
+      if (pools.pool != nullptr) {
+        ++pools.pool->segments;
+        stats_.private_pool_reserved_bytes.update(static_cast<std::int64_t>(want));
+      }
       if (want >= policy_.max_split_size) stats_.oversize_segments.update(1);
       trace_.push(TraceAction::kSegmentAlloc, seg->addr, want, pools.stream);
       return b;
     }
-    if (released) break;
+    // Memory cannot go back to the backend during a capture (cudaFree is not allowed then).
+    if (released || capture_depth_ > 0) break;
     // Rung 3: give every cached free segment back and try again.
     ++stats_.num_alloc_retries;
     release_cached_locked(lk);
@@ -509,22 +589,40 @@ void CachingAllocator::release_locked(Block* b) {
   update(stats_.requested_bytes, small, -static_cast<std::int64_t>(b->requested));
   if (b->size >= policy_.max_split_size) stats_.oversize_allocations.update(-1);
   trace_.push(TraceAction::kFreeRequested, b->addr, b->size, b->segment->stream);
-  if (!b->stream_uses.empty()) {
-    // Reuse waits until the work queued on those streams so far is done.
-    for (const StreamId s : b->stream_uses) {
-      const EventId ev = backend_->record_event(s);
+  if (b->stream_uses.empty()) {
+    free_block_locked(b);
+    return;
+  }
+  b->state = BlockState::kPendingEvents;
+  if (capture_depth_ > 0) {  // an event recorded now would become part of the graph
+    deferred_events_.push_back(b);
+    return;
+  }
+  record_use_events_locked(b);
+}
+
+// Reuse waits until the work queued so far on the streams the block was
+// used on is done: one event per stream. If the backend fails to record
+// one, the block is kept out of the cache for good (an extra pending count
+// that never completes) and stays counted as active, then the error
+// propagates: reusing memory another stream may still touch would corrupt data.
+void CachingAllocator::record_use_events_locked(Block* b) {
+  try {
+    for (const auto& [stream, device] : b->stream_uses) {
+      const EventId ev = backend_->record_event(stream, device);
       if (ev != 0) {
         pending_events_.push_back({ev, b});
         ++b->pending_events;
       }
     }
+  } catch (...) {
     b->stream_uses.clear();
-    if (b->pending_events > 0) {
-      b->state = BlockState::kPendingEvents;
-      return;
-    }
+    ++b->pending_events;
+    ++stats_.num_free_errors;
+    throw;
   }
-  free_block_locked(b);
+  b->stream_uses.clear();
+  if (b->pending_events == 0) free_block_locked(b);
 }
 
 void CachingAllocator::free_block_locked(Block* b) {
@@ -554,35 +652,37 @@ void CachingAllocator::free_block_locked(Block* b) {
 
 // ---------------------------------------------------------------- streams and events
 
-void CachingAllocator::record_stream(void* ptr, StreamId stream) {
+void CachingAllocator::record_stream(void* ptr, StreamId stream, int device) {
   Lock lk(mutex_);
   Block* b = ptr_map_.find(reinterpret_cast<std::uintptr_t>(ptr));
   if (b == nullptr) throw std::invalid_argument("record_stream(): the pointer is not a live allocation of this allocator");
-  record_stream_locked(b, stream);
+  record_stream_locked(b, stream, device);
 }
 
-bool CachingAllocator::try_record_stream(void* ptr, StreamId stream) {
+bool CachingAllocator::try_record_stream(void* ptr, StreamId stream, int device) {
   Lock lk(mutex_);
   Block* b = ptr_map_.find(reinterpret_cast<std::uintptr_t>(ptr));
   if (b == nullptr) return false;
-  record_stream_locked(b, stream);
+  record_stream_locked(b, stream, device);
   return true;
 }
 
-void CachingAllocator::record_stream(Block* handle, StreamId stream) {
+void CachingAllocator::record_stream(Block* handle, StreamId stream, int device) {
   Lock lk(mutex_);
-  record_stream_locked(handle, stream);
+  record_stream_locked(handle, stream, device);
 }
 
-void CachingAllocator::record_stream_locked(Block* b, StreamId stream) {
-  if (stream == b->segment->stream) return;  // ordered with the block's own stream already
-  if (std::find(b->stream_uses.begin(), b->stream_uses.end(), stream) == b->stream_uses.end())
-    b->stream_uses.push_back(stream);
+void CachingAllocator::record_stream_locked(Block* b, StreamId stream, int device) {
+  // The block's own stream on its own device is ordered with it already.
+  if (stream == b->segment->stream && device == kOwnDevice) return;
+  const std::pair<StreamId, int> use{stream, device};
+  if (std::find(b->stream_uses.begin(), b->stream_uses.end(), use) == b->stream_uses.end())
+    b->stream_uses.push_back(use);
 }
 
 void CachingAllocator::process_events() {
   Lock lk(mutex_);
-  process_events_locked();
+  if (capture_depth_ == 0) process_events_locked();
 }
 
 void CachingAllocator::process_events_locked() {
@@ -616,33 +716,160 @@ void CachingAllocator::synchronize_events_locked() {
   pending_events_.clear();
 }
 
+// ---------------------------------------------------------------- private pools and capture
+
+PrivatePool* CachingAllocator::find_pool_locked(PoolId id) const {
+  for (const auto& p : private_pools_)
+    if (p->id == id) return p.get();
+  return nullptr;
+}
+
+PrivatePool& CachingAllocator::incref_pool_locked(PoolId id) {
+  if (id == PoolId{0, 0}) throw std::logic_error("private pool id {0, 0} is reserved for the shared cache");
+  PrivatePool* p = find_pool_locked(id);
+  if (p == nullptr) {
+    private_pools_.push_back(std::make_unique<PrivatePool>());
+    p = private_pools_.back().get();
+    p->id = id;
+    stats_.private_pools.update(1);
+  }
+  ++p->use_count;
+  return *p;
+}
+
+void CachingAllocator::create_or_incref_pool(PoolId pool) {
+  Lock lk(mutex_);
+  incref_pool_locked(pool);
+}
+
+void CachingAllocator::begin_allocate_to_pool(PoolId pool, StreamFilter filter) {
+  if (!filter) throw std::invalid_argument("begin_allocate_to_pool: the stream filter is empty");
+  Lock lk(mutex_);
+  for (const Routing& r : routing_)
+    if (r.pool->id == pool) throw std::logic_error("begin_allocate_to_pool: allocations already go to this pool");
+  PrivatePool& p = incref_pool_locked(pool);
+  routing_.push_back(Routing{&p, std::move(filter)});
+}
+
+void CachingAllocator::end_allocate_to_pool(PoolId pool) {
+  Lock lk(mutex_);
+  for (auto it = routing_.begin(); it != routing_.end(); ++it) {
+    if (it->pool->id == pool) {
+      routing_.erase(it);
+      return;
+    }
+  }
+  throw std::logic_error("end_allocate_to_pool: allocations do not go to this pool");
+}
+
+void CachingAllocator::release_pool(PoolId pool) {
+  Lock lk(mutex_);
+  PrivatePool* p = find_pool_locked(pool);
+  if (p == nullptr || p->use_count == 0) throw std::logic_error("release_pool: the pool is not in use");
+  --p->use_count;
+  // Its memory goes back on the next empty_cache() or under pressure, once
+  // its blocks are freed; a pool that never got memory goes now.
+  const bool routed = std::any_of(routing_.begin(), routing_.end(), [&](const Routing& r) { return r.pool == p; });
+  if (p->use_count == 0 && p->segments == 0 && !routed) {
+    stats_.private_pools.update(-1);
+    if (last_pools_ != nullptr && last_pools_->pool == p) last_pools_ = nullptr;
+    private_pools_.erase(std::find_if(private_pools_.begin(), private_pools_.end(),
+                                      [&](const std::unique_ptr<PrivatePool>& q) { return q.get() == p; }));
+  }
+}
+
+int CachingAllocator::pool_use_count(PoolId pool) const {
+  Lock lk(mutex_);
+  const PrivatePool* p = find_pool_locked(pool);
+  return p == nullptr ? 0 : p->use_count;
+}
+
+void CachingAllocator::capture_begin() {
+  Lock lk(mutex_);
+  ++capture_depth_;
+}
+
+void CachingAllocator::capture_end() {
+  Lock lk(mutex_);
+  if (capture_depth_ == 0) throw std::logic_error("capture_end() without capture_begin()");
+  if (--capture_depth_ == 0) record_deferred_events_locked();
+}
+
+bool CachingAllocator::capturing() const {
+  Lock lk(mutex_);
+  return capture_depth_ > 0;
+}
+
+// Frees deferred during a capture get their stream events now.
+void CachingAllocator::record_deferred_events_locked() {
+  std::vector<Block*> blocks;
+  blocks.swap(deferred_events_);
+  std::exception_ptr error;
+  for (Block* b : blocks) {
+    try {
+      record_use_events_locked(b);
+    } catch (...) {
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
 // ---------------------------------------------------------------- releasing memory
 
 void CachingAllocator::empty_cache() {
   Lock lk(mutex_);
+  if (capture_depth_ > 0)
+    throw std::logic_error("empty_cache() during a CUDA graph capture: cached memory cannot be released while a "
+                           "stream is being captured (cudaFree is not allowed then); call it after the capture");
   release_cached_locked(lk);
+}
+
+// Unlinks a fully free segment and drops it from the statistics (its memory
+// is handed back by the caller).
+void CachingAllocator::forget_segment_locked(Segment* s) {
+  Block* b = s->first;
+  bin_remove(b);
+  block_pool_.recycle(b);
+  if (s->prev != nullptr) s->prev->next = s->next;
+  else segments_ = s->next;
+  if (s->next != nullptr) s->next->prev = s->prev;
+  update(stats_.segment, s->small, -1);
+  update(stats_.reserved_bytes, s->small, -static_cast<std::int64_t>(s->size));
+  if (s->size >= policy_.max_split_size) stats_.oversize_segments.update(-1);
+  if (PrivatePool* pool = s->pools->pool) {
+    --pool->segments;
+    stats_.private_pool_reserved_bytes.update(-static_cast<std::int64_t>(s->size));
+  }
+  *s = Segment{};
+  free_segments_.push_back(s);
 }
 
 std::size_t CachingAllocator::release_cached_locked(Lock& lk) {
   synchronize_events_locked();
   std::vector<std::pair<std::uintptr_t, std::size_t>> to_free;
+  bool pool_emptied = false;
   for (Segment* s = segments_; s != nullptr;) {
     Segment* next = s->next;
-    Block* b = s->first;
-    if (b->state == BlockState::kFree && b->next == nullptr) {
-      bin_remove(b);
-      block_pool_.recycle(b);
-      if (s->prev != nullptr) s->prev->next = s->next;
-      else segments_ = s->next;
-      if (s->next != nullptr) s->next->prev = s->prev;
-      update(stats_.segment, s->small, -1);
-      update(stats_.reserved_bytes, s->small, -static_cast<std::int64_t>(s->size));
-      if (s->size >= policy_.max_split_size) stats_.oversize_segments.update(-1);
+    const Block* b = s->first;
+    const PrivatePool* pool = s->pools->pool;
+    // A pool still in use keeps its memory: its graphs' replays write there.
+    if (b->state == BlockState::kFree && b->next == nullptr && (pool == nullptr || pool->use_count == 0)) {
+      pool_emptied = pool_emptied || pool != nullptr;
       to_free.emplace_back(s->addr, s->size);
-      *s = Segment{};
-      free_segments_.push_back(s);
+      forget_segment_locked(s);
     }
     s = next;
+  }
+  if (pool_emptied) {  // pools without uses or memory are gone
+    const auto dead = [this](const std::unique_ptr<PrivatePool>& p) {
+      const bool routed = std::any_of(routing_.begin(), routing_.end(), [&](const Routing& r) { return r.pool == p.get(); });
+      return p->use_count == 0 && p->segments == 0 && !routed;
+    };
+    for (const auto& p : private_pools_)
+      if (dead(p)) stats_.private_pools.update(-1);
+    private_pools_.erase(std::remove_if(private_pools_.begin(), private_pools_.end(), dead), private_pools_.end());
+    last_pools_ = nullptr;
   }
   if (to_free.empty()) return 0;
   trace_.push(TraceAction::kEmptyCache, 0, 0, 0);
@@ -679,6 +906,9 @@ void CachingAllocator::raise_oom_locked(std::size_t nbytes, std::size_t size, co
            "shared system memory (WSL2 does that silently, several times slower); reduce the batch "
            "size, or raise the budget (torch_wsl.memory.set_budget, TORCH_WSL_ALLOC_CONF) if the device "
            "really has room.";
+  else if (why == "backend" && capture_depth_ > 0)
+    msg += "the backend refused it, and during a CUDA graph capture cached memory cannot be released to retry "
+           "(free memory before capturing, e.g. torch.cuda.empty_cache(), or capture a smaller graph).";
   else if (why == "backend")
     msg += "the backend refused it even after the cached free memory was released.";
   else
@@ -708,13 +938,15 @@ void CachingAllocator::reset_accumulated_stats() {
   for_each_stat(stats_, [](Stat& s) { s.reset_accumulated(); });
   stats_.num_alloc_retries = stats_.num_ooms = stats_.num_sync_all_streams = 0;
   stats_.num_device_alloc = stats_.num_device_free = stats_.num_device_alloc_failed = 0;
+  stats_.num_free_errors = 0;
 }
 
 std::vector<SegmentInfo> CachingAllocator::snapshot() const {
   Lock lk(mutex_);
   std::vector<SegmentInfo> out;
   for (const Segment* s = segments_; s != nullptr; s = s->next) {
-    SegmentInfo info{s->addr, s->size, s->stream, s->small, {}};
+    SegmentInfo info{s->addr, s->size, s->stream, s->small, {}, {0, 0}};
+    if (s->pools->pool != nullptr) info.pool = s->pools->pool->id;
     for (const Block* b = s->first; b != nullptr; b = b->next)
       info.blocks.push_back(BlockInfo{b->addr, b->size, b->requested, b->state});
     out.push_back(std::move(info));

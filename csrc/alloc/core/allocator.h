@@ -13,6 +13,14 @@
 // budget); release every cached free segment and ask again; raise
 // OutOfMemoryError with the statistics.
 //
+// Private pools (CUDA graphs, torch.cuda.MemPool): while allocations are
+// routed to a pool, requests on the streams its filter accepts are served
+// from segments of that pool alone, and blocks freed there stay in the pool
+// (a graph's replays keep using its memory) until the pool is released and
+// the cache emptied. During a stream capture no event is queried or recorded
+// and nothing goes back to the backend (cudaFree and event queries are not
+// allowed while capturing).
+//
 // Thread-safe: one mutex per allocator, released around backend calls
 // (allocate, deallocate). The hot path (a cached block is reused) does not
 // allocate memory: blocks come from an object pool and pointers are tracked
@@ -21,6 +29,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -93,6 +102,12 @@ class AllocatorInterface {
   virtual Stats stats() const = 0;
 };
 
+// A private pool's id: the two halves of PyTorch's MempoolId_t.
+using PoolId = std::pair<std::uint64_t, std::uint64_t>;
+// Whether a request on this stream goes to the pool (during a capture: is
+// the stream being captured into this graph).
+using StreamFilter = std::function<bool(StreamId)>;
+
 enum class BlockState : std::uint8_t { kFree, kAllocated, kPendingEvents };
 const char* block_state_name(BlockState state);
 
@@ -109,11 +124,14 @@ struct SegmentInfo {
   StreamId stream;
   bool small_pool;
   std::vector<BlockInfo> blocks;  // in address order, covering the segment
+  PoolId pool{0, 0};              // the private pool it belongs to ({0, 0}: none)
 };
 
 struct Block;    // opaque outside allocator.cpp
 struct Segment;
 struct StreamPools;
+struct PrivatePool;
+
 
 // An allocation from the handle API: the pointer and the block to release.
 struct Allocation {
@@ -136,10 +154,13 @@ class CachingAllocator final : public AllocatorInterface {
   // nothing done) if it is not a live allocation of this allocator. On
   // success `requested` gets the size that was asked for.
   bool try_free(void* ptr, std::size_t* requested = nullptr);
-  void record_stream(void* ptr, StreamId stream);
+  // The block is also used on `stream` (of `device`, or of the backend's own
+  // device): after free() it is reused only once that stream's work queued
+  // so far is done.
+  void record_stream(void* ptr, StreamId stream, int device = kOwnDevice);
   // The same for a pointer that may belong to someone else: false if it is
   // not a live allocation of this allocator.
-  bool try_record_stream(void* ptr, StreamId stream);
+  bool try_record_stream(void* ptr, StreamId stream, int device = kOwnDevice);
 
   // Handle API (the CPU tensor allocator's deleter context): no pointer map.
   Allocation allocate(std::size_t nbytes, StreamId stream = 0);
@@ -147,7 +168,27 @@ class CachingAllocator final : public AllocatorInterface {
   static CachingAllocator& owner(const Block* handle);
   static void* address(const Block* handle);
   static std::size_t requested_size(const Block* handle);
-  void record_stream(Block* handle, StreamId stream);
+  void record_stream(Block* handle, StreamId stream, int device = kOwnDevice);
+
+  // Private pools. begin_allocate_to_pool creates the pool (or adds a use to
+  // it) and routes requests on streams that `filter` accepts into it until
+  // end_allocate_to_pool; create_or_incref_pool only adds a use;
+  // release_pool drops one, and a pool without uses gives its segments back
+  // on the next empty_cache() (or under memory pressure) once its blocks are
+  // freed. Throws std::logic_error on misuse (a pool routed twice, ended or
+  // released when it is not).
+  void begin_allocate_to_pool(PoolId pool, StreamFilter filter);
+  void end_allocate_to_pool(PoolId pool);
+  void create_or_incref_pool(PoolId pool);
+  void release_pool(PoolId pool);
+  int pool_use_count(PoolId pool) const;  // 0 for an unknown pool
+  // A stream capture began / ended on this allocator's device (nested
+  // captures count). While one runs: no event queries or records (frees of
+  // blocks used on other streams are deferred to the end of the capture),
+  // no memory back to the backend, and empty_cache() throws.
+  void capture_begin();
+  void capture_end();
+  bool capturing() const;
 
   // Waits for pending events, then returns every fully free segment to the backend.
   void empty_cache();
@@ -163,9 +204,18 @@ class CachingAllocator final : public AllocatorInterface {
 
   // Sets the hard cap on reserved bytes: the smaller of `bytes` and
   // `fraction` of the backend's free memory now (plus what is reserved);
-  // a zero or missing value drops that cap. Returns the effective budget.
+  // a zero or missing value drops that cap. Returns the effective budget,
+  // which is also bounded by set_memory_fraction's cap.
   std::size_t set_budget(std::optional<std::size_t> bytes, std::optional<double> fraction);
+  // torch.cuda.set_per_process_memory_fraction: a cap of `fraction` of the
+  // backend's total memory, kept alongside the budget above (the smaller
+  // wins); 0 drops it. Returns the effective budget.
+  std::size_t set_memory_fraction(double fraction);
   std::size_t budget() const;
+  // Bytes that can still be reserved under the budget (SIZE_MAX: no budget).
+  std::size_t budget_headroom() const;
+  // The largest cached free block, in any pool and stream (0: none).
+  std::size_t largest_free_block() const;
 
   const Policy& policy() const { return policy_; }
   Backend& backend() { return *backend_; }
@@ -184,20 +234,27 @@ class CachingAllocator final : public AllocatorInterface {
   using Lock = std::unique_lock<std::mutex>;
 
   Block* allocate_locked(Lock& lk, std::size_t nbytes, StreamId stream);
+  StreamPools& target_pools_locked(StreamId stream);
+  PrivatePool* find_pool_locked(PoolId id) const;
+  PrivatePool& incref_pool_locked(PoolId id);
+  void forget_segment_locked(Segment* s);
+  void record_deferred_events_locked();
+  void record_use_events_locked(Block* b);
   Block* grow_locked(Lock& lk, StreamPools& pools, bool small, std::size_t size, std::size_t nbytes);
   Block* take_locked(Block* b, std::size_t size, std::size_t nbytes);
   void release_locked(Block* b);
   void free_block_locked(Block* b);
-  void record_stream_locked(Block* b, StreamId stream);
+  void record_stream_locked(Block* b, StreamId stream, int device);
   void process_events_locked();
   void synchronize_events_locked();
   std::size_t release_cached_locked(Lock& lk);
   Block* best_fit_locked(StreamPools& pools, bool small, std::size_t size);
-  StreamPools& pools_for(StreamId stream);
+  StreamPools& pools_for(StreamId stream, PrivatePool* pool);
   void bin_insert(Block* b);
   void bin_remove(Block* b);
   bool fits_budget(std::size_t nbytes) const;
   std::size_t compute_budget(std::size_t bytes, double fraction);
+  void apply_budget_locked();
   [[noreturn]] void raise_oom_locked(std::size_t nbytes, std::size_t size, const std::string& why);
   void update(StatArray& s, bool small, std::int64_t delta) {
     s[kAll].update(delta);
@@ -207,7 +264,9 @@ class CachingAllocator final : public AllocatorInterface {
   std::shared_ptr<Backend> backend_;
   Policy policy_;
   int unit_shift_;  // log2(min_block_size)
-  std::size_t budget_ = 0;
+  std::size_t budget_ = 0;             // the effective cap: the smaller non-zero of the two below
+  std::size_t budget_base_ = 0;        // from the policy / set_budget
+  std::size_t budget_fraction_cap_ = 0;  // from set_memory_fraction
   std::size_t pending_reserve_ = 0;  // bytes being asked of the backend right now (counted against the budget)
 
   mutable std::mutex mutex_;
@@ -225,6 +284,15 @@ class CachingAllocator final : public AllocatorInterface {
     Block* block;
   };
   std::vector<PendingEvent> pending_events_;
+
+  std::vector<std::unique_ptr<PrivatePool>> private_pools_;
+  struct Routing {
+    PrivatePool* pool;
+    StreamFilter filter;
+  };
+  std::vector<Routing> routing_;           // pools receiving allocations now
+  int capture_depth_ = 0;
+  std::vector<Block*> deferred_events_;    // freed during a capture, used on other streams
 };
 
 // "1.50 GiB", "512 B": for messages.

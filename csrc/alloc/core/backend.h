@@ -20,6 +20,12 @@ using StreamId = std::uint64_t;
 // the simulated backend's id). 0 means "no event: already complete".
 using EventId = std::uint64_t;
 
+// The device a stream belongs to, when a block is used on a stream of
+// another device than its own (record_stream across GPUs): a bare
+// cudaStream_t does not say (the default stream is 0 on every device).
+// kOwnDevice: the backend's own device.
+constexpr int kOwnDevice = -1;
+
 struct MemInfo {
   std::size_t free_bytes = 0;
   std::size_t total_bytes = 0;
@@ -46,9 +52,10 @@ class Backend {
   virtual std::optional<MemInfo> mem_info() { return std::nullopt; }
 
   // Events, for blocks used on other streams than the one they were
-  // allocated on (record_stream). A backend without streams returns 0 from
-  // record_event, which the allocator treats as complete.
-  virtual EventId record_event(StreamId /*stream*/) { return 0; }
+  // allocated on (record_stream); `device` is the stream's device. A backend
+  // without streams returns 0 from record_event, which the allocator treats
+  // as complete.
+  virtual EventId record_event(StreamId /*stream*/, int /*device*/) { return 0; }
   virtual bool query_event(EventId /*event*/) { return true; }
   virtual void synchronize_event(EventId /*event*/) {}
   virtual void release_event(EventId /*event*/) {}

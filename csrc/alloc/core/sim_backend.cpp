@@ -110,8 +110,10 @@ std::optional<MemInfo> SimulatedBackend::mem_info() {
   return MemInfo{config_.capacity > used ? config_.capacity - used : 0, config_.capacity};
 }
 
-EventId SimulatedBackend::record_event(StreamId stream) {
+EventId SimulatedBackend::record_event(StreamId stream, int device) {
   std::lock_guard<std::mutex> g(mutex_);
+  ++counters_.events_recorded;
+  counters_.last_event_device = device;
   const EventId id = next_event_++;
   events_[id] = SimEvent{stream, streams_[stream].submitted};
   counters_.live_events = static_cast<std::int64_t>(events_.size());
@@ -120,6 +122,7 @@ EventId SimulatedBackend::record_event(StreamId stream) {
 
 bool SimulatedBackend::query_event(EventId event) {
   std::lock_guard<std::mutex> g(mutex_);
+  ++counters_.events_queried;
   auto it = events_.find(event);
   if (it == events_.end()) throw std::logic_error("simulated backend: query of an unknown event");
   return streams_[it->second.stream].completed >= it->second.target;
@@ -127,6 +130,7 @@ bool SimulatedBackend::query_event(EventId event) {
 
 void SimulatedBackend::synchronize_event(EventId event) {
   std::lock_guard<std::mutex> g(mutex_);
+  ++counters_.events_queried;
   auto it = events_.find(event);
   if (it == events_.end()) throw std::logic_error("simulated backend: synchronize of an unknown event");
   StreamWork& w = streams_[it->second.stream];

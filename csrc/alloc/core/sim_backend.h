@@ -42,7 +42,7 @@ class SimulatedBackend final : public Backend {
   // Events: work submitted to a stream completes only when complete_work()
   // is called for it (or an event on it is synchronized). An event completes
   // once the work submitted before it was recorded has completed.
-  EventId record_event(StreamId stream) override;
+  EventId record_event(StreamId stream, int device) override;
   bool query_event(EventId event) override;
   void synchronize_event(EventId event) override;
   void release_event(EventId event) override;
@@ -63,6 +63,9 @@ class SimulatedBackend final : public Backend {
     std::size_t live_bytes = 0;
     std::size_t peak_live_bytes = 0;
     std::int64_t live_events = 0;
+    std::int64_t events_recorded = 0;
+    std::int64_t events_queried = 0;  // query_event + synchronize_event calls
+    int last_event_device = kOwnDevice;  // the device the newest event was recorded for
   };
   Counters counters() const;
   SimulatedConfig config() const;

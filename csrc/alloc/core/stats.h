@@ -54,6 +54,13 @@ struct Stats {
   std::int64_t num_device_alloc_failed = 0;
   std::int64_t max_split_size = 0;
   std::int64_t budget_bytes = 0;       // hard cap on reserved bytes (0: none)
+  // Private pools (CUDA graph capture, torch.cuda.MemPool): how many exist,
+  // and the bytes of their segments (also counted in reserved_bytes).
+  Stat private_pools;
+  Stat private_pool_reserved_bytes;
+  // Frees whose stream events could not be recorded (a driver error): the
+  // block is kept out of the cache for good and stays counted as active.
+  std::int64_t num_free_errors = 0;
 
   // Flattened "name.pool.metric" -> value, as torch.cuda.memory_stats() spells it.
   std::vector<std::pair<std::string, std::int64_t>> items() const {
@@ -87,6 +94,9 @@ struct Stats {
     out.emplace_back("num_device_alloc_failed", num_device_alloc_failed);
     out.emplace_back("max_split_size", max_split_size);
     out.emplace_back("budget_bytes", budget_bytes);
+    add("private_pools", private_pools);
+    add("private_pool_reserved_bytes", private_pool_reserved_bytes);
+    out.emplace_back("num_free_errors", num_free_errors);
     return out;
   }
 };
