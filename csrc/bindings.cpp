@@ -3,7 +3,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+// TORCH_VERSION: newer torch keeps it in its header-only library, torch 2.8 in torch/version.h.
+#if __has_include(<torch/headeronly/version.h>)
 #include <torch/headeronly/version.h>
+#else
+#include <torch/version.h>
+#endif
 
 #include "alloc/python.h"
 #include "build_info.h"

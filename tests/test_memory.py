@@ -381,6 +381,8 @@ def test_enable_cuda_installs_the_pluggable_allocator():
         import torch, torch_wsl, torch_wsl.memory as twm
         twm.enable("cuda", budget="1G")
         assert twm.is_enabled("cuda")
+        import torch._inductor.config as inductor_config
+        assert not inductor_config.triton.cudagraph_trees  # graph trees need the native allocator
         name = torch.cuda.memory.get_allocator_backend() if hasattr(torch.cuda.memory, "get_allocator_backend") else ""
         print("OK", name)
         if torch.cuda.is_available():
@@ -427,6 +429,9 @@ def test_cuda_record_stream_and_pinned_dataloader():
         assert twm.stats("pinned")["num_device_alloc"] >= 1
         t = twm.pinned_empty(1000)
         assert t.is_pinned()
+        # Non-blocking copies of ordinary (pageable) tensors ask the host allocator too.
+        z = torch.arange(1 << 16, dtype=torch.float32).to("cuda", non_blocking=True)
+        assert torch.equal(z.cpu(), torch.arange(1 << 16, dtype=torch.float32))
         print("GPU OK", twm.measure_driver_cost(reps=5))
     """)
     assert r.returncode == 0, r.stderr
@@ -477,6 +482,8 @@ def test_cuda_stats_api_and_cudnn_benchmark_under_torch_wsl():
         assert torch.cuda.memory_reserved() == ours["reserved_bytes.all.current"] > 0
         assert torch.cuda.max_memory_allocated() == ours["allocated_bytes.all.peak"]
         assert torch.cuda.memory_stats()["num_device_alloc"] == ours["num_device_alloc"]
+        if hasattr(torch, "accelerator") and hasattr(torch.accelerator, "memory_allocated"):
+            assert torch.accelerator.memory_allocated() == ours["allocated_bytes.all.current"]
         torch.cuda.reset_peak_memory_stats()
         assert torch.cuda.max_memory_allocated() == torch.cuda.memory_allocated()
         assert "Allocated memory" in torch.cuda.memory_summary() or torch.cuda.memory_summary()
@@ -505,6 +512,7 @@ def test_cuda_graph_capture_uses_a_private_pool():
     r = run_python("""
         import torch, torch_wsl, torch_wsl.memory as twm
         twm.enable("cuda")
+        twm.enable("pinned", budget="64M", probe_ceiling=False)  # the host allocator takes part in captures too
         static_in = torch.randn(1 << 20, device="cuda")
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -545,6 +553,14 @@ def test_cuda_graph_capture_uses_a_private_pool():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         print("pools after release:", twm.stats("cuda")["private_pools.current"])
+        # torch.cuda.MemPool and use_mem_pool use the same private pools; destroying one must not abort.
+        if hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool"):
+            pool = torch.cuda.MemPool()
+            with torch.cuda.use_mem_pool(pool):
+                inside = torch.empty(1 << 20, device="cuda")
+            assert twm.stats("cuda")["private_pools.current"] >= 1
+            del inside, pool
+            torch.cuda.empty_cache()
         # torch.compile's CUDA graphs.
         f = torch.compile(lambda t: (t * 3).relu() + 1, mode="reduce-overhead")
         t = torch.randn(4096, device="cuda")

@@ -199,7 +199,8 @@ void init_bindings(py::module_& parent) {
       .def("snapshot", [](const CachingAllocator& a) { return snapshot_to(a.snapshot()); })
       .def("trace", [](const CachingAllocator& a) { return trace_to(a.trace()); })
       .def("set_trace_capacity", &CachingAllocator::set_trace_capacity, py::arg("capacity"))
-      .def("empty_cache", &CachingAllocator::empty_cache, py::call_guard<py::gil_scoped_release>())
+      .def("empty_cache", static_cast<void (CachingAllocator::*)()>(&CachingAllocator::empty_cache),
+           py::call_guard<py::gil_scoped_release>())
       .def("process_events", &CachingAllocator::process_events)
       .def("reset_peak_stats", &CachingAllocator::reset_peak_stats)
       .def("reset_accumulated_stats", &CachingAllocator::reset_accumulated_stats)
@@ -208,7 +209,7 @@ void init_bindings(py::module_& parent) {
       .def("set_memory_fraction", &CachingAllocator::set_memory_fraction, py::arg("fraction"))
       .def_property_readonly("budget", &CachingAllocator::budget)
       .def_property_readonly("budget_headroom", &CachingAllocator::budget_headroom)
-      .def_property_readonly("largest_free_block", &CachingAllocator::largest_free_block)
+      .def("largest_free_block", &CachingAllocator::largest_free_block, py::arg("stream") = 0)
       .def_property_readonly("policy", [](const CachingAllocator& a) { return policy_to(a.policy()); })
       .def_property_readonly("backend", &CachingAllocator::backend_ptr)
       .def("round_size", &CachingAllocator::round_size, py::arg("nbytes"));

@@ -99,10 +99,11 @@ class PinnedPool {
  public:
   PinnedPool(const Policy& policy, std::size_t pinned_budget_bytes);
   // Throws OutOfMemoryError only if the pageable fallback fails too.
-  Allocation allocate(std::size_t nbytes);
-  // Pointer API (Python's standalone use): malloc/free through the pools' maps.
   void* malloc(std::size_t nbytes);
+  // Throws std::invalid_argument for a pointer neither pool handed out.
   void free(void* ptr);
+  // `ptr` is used on `stream` of `device`: false if neither pool handed it out.
+  bool record_stream(void* ptr, StreamId stream, int device);
   void empty_cache();
   // The fallback warning the first time pageable memory was handed out; empty afterwards.
   std::string take_warning();
@@ -113,7 +114,6 @@ class PinnedPool {
   PinnedHostBackend& backend() { return *backend_; }
 
  private:
-  Allocation fall_back(std::size_t nbytes, const std::string& why);
   void note_fallback(const std::string& why);
   std::shared_ptr<PinnedHostBackend> backend_;
   std::shared_ptr<CachingAllocator> pinned_;

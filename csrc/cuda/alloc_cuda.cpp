@@ -245,15 +245,9 @@ void copy_stat_array(const StatArray& from, A& to) {
   for (std::size_t i = 0; i < 3 && i < to.size(); ++i) copy_stat(from[i], to[i]);
 }
 
-// Deleter of DataPtrs from allocate(): the context is the core's block handle,
-// so neither the pointer map nor a device lookup is needed.
-void delete_block(void* ctx) noexcept {
-  if (ctx == nullptr) return;
-  no_throw([&] { CachingAllocator::release(static_cast<Block*>(ctx)); });
-}
-
-// raw_deleter() / raw_delete(): a pointer from raw_alloc, found in the
-// devices' pointer maps.
+// The deleter of every DataPtr and raw_alloc pointer (context == pointer, as
+// c10's raw_allocate and third-party users of raw_deleter() expect): the
+// pointer is found in the devices' pointer maps.
 void delete_raw(void* ptr) noexcept {
   if (ptr == nullptr) return;
   no_throw([&] {
@@ -278,16 +272,6 @@ using Pluggable = torch::cuda::CUDAPluggableAllocator::CUDAPluggableAllocator;
 class DeviceAllocator final : public Pluggable {
  public:
   DeviceAllocator() : Pluggable(&torch_wsl_malloc, &torch_wsl_free) {
-    set_reset_fn([] {  // torch.cuda.empty_cache()
-      for (auto& slot : registry().fast)
-        if (CachingAllocator* a = slot.load(std::memory_order_acquire)) {
-          try {
-            a->empty_cache();
-          } catch (const std::logic_error& e) {  // during a capture
-            TORCH_CHECK(false, "torch_wsl allocator: ", e.what());
-          }
-        }
-    });
     set_memory_fraction_fn([](double fraction, int device) {  // torch.cuda.set_per_process_memory_fraction
       TORCH_CHECK(fraction >= 0 && fraction <= 1, "set_per_process_memory_fraction: expected a fraction in [0, 1], got ",
                   fraction);
@@ -300,11 +284,11 @@ class DeviceAllocator final : public Pluggable {
   c10::DataPtr allocate(size_t nbytes) override {
     const c10::DeviceIndex device = c10::cuda::current_device();
     const c10::Device where(c10::DeviceType::CUDA, device);
-    if (nbytes == 0) return {nullptr, nullptr, &delete_block, where};
+    if (nbytes == 0) return {nullptr, nullptr, &delete_raw, where};
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
     CachingAllocator& a = device_ref(device);
-    const Allocation got = translate_oom([&] { return a.allocate(nbytes, stream_id(stream)); });
-    return {got.ptr, got.handle, &delete_block, where};
+    void* p = translate_oom([&] { return a.malloc(nbytes, stream_id(stream)); });
+    return {p, p, &delete_raw, where};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &delete_raw; }
   void* raw_alloc(size_t nbytes) override {
@@ -320,31 +304,44 @@ class DeviceAllocator final : public Pluggable {
   using Pluggable::recordStream;
   void recordStream(const c10::DataPtr& ptr, c10::cuda::CUDAStream stream) override {
     if (ptr.get() == nullptr) return;
-    const StreamId s = stream_id(stream.stream());
-    if (ptr.get_deleter() == &delete_block) {
-      auto* b = static_cast<Block*>(ptr.get_context());
-      CachingAllocator& a = CachingAllocator::owner(b);
-      a.record_stream(b, s, use_device(a, stream.device_index()));
-    } else if (ptr.get_deleter() == &delete_raw) {
-      for (auto& slot : registry().fast)
-        if (CachingAllocator* a = slot.load(std::memory_order_acquire))
-          if (a->try_record_stream(ptr.get(), s, use_device(*a, stream.device_index()))) return;
-    }
     // Not ours (from_blob and the like): nothing to do, as in PyTorch's allocator.
+    if (ptr.get_deleter() != &delete_raw) return;
+    const StreamId s = stream_id(stream.stream());
+    for (auto& slot : registry().fast)
+      if (CachingAllocator* a = slot.load(std::memory_order_acquire))
+        if (a->try_record_stream(ptr.get_context(), s, use_device(*a, stream.device_index()))) return;
   }
 
   // cuDNN sizes its benchmark workspace from this: the largest block that
-  // could be had without an error -- a cached free block, or fresh memory
-  // within the budget and what the driver reports free.
+  // could be had without an error on the current stream -- a cached free
+  // block, or fresh memory within the budget and what the driver reports
+  // free (less one rounding step: segments are rounded up to large_round).
   void cacheInfo(c10::DeviceIndex device, size_t* largest) override {
     CachingAllocator& a = device_ref(device);
     if (*largest == 0) {
       c10::cuda::CUDAGuard guard(device);
       std::size_t free = 0, total = 0;
       C10_CUDA_CHECK(cudaMemGetInfo(&free, &total));
-      *largest = std::min(free, a.budget_headroom());
+      const std::size_t fresh = std::min(free, a.budget_headroom());
+      const std::size_t round = a.policy().large_round;
+      *largest = fresh > round ? fresh - round : 0;
     }
-    *largest = std::max<std::size_t>(*largest, a.largest_free_block());
+    const StreamId s = stream_id(c10::cuda::getCurrentCUDAStream(device).stream());
+    *largest = std::max<std::size_t>(*largest, a.largest_free_block(s));
+  }
+
+  // torch.cuda.empty_cache() ({0, 0}: every cache) and ~MemPool (that pool's memory).
+  void emptyCache(c10::cuda::MempoolId_t mempool_id) override {
+    const bool all = mempool_id.first == 0 && mempool_id.second == 0;
+    for (auto& slot : registry().fast)
+      if (CachingAllocator* a = slot.load(std::memory_order_acquire)) {
+        if (all) a->empty_cache();
+        else a->empty_cache(pool_id(mempool_id));
+      }
+  }
+  double getMemoryFraction(c10::DeviceIndex device) override {
+    const double f = device_ref(device).memory_fraction();
+    return f > 0 ? f : 1.0;
   }
 
   c10::CachingDeviceAllocator::DeviceStats getDeviceStats(c10::DeviceIndex device) override {
@@ -390,11 +387,13 @@ class DeviceAllocator final : public Pluggable {
     a.begin_allocate_to_pool(pool_id(mempool_id),
                              [f = std::move(filter)](StreamId s) { return f(reinterpret_cast<cudaStream_t>(s)); });
     if (!kTorchMarksCaptures) a.capture_begin();
+    pinned_capture(pool_id(mempool_id), true);
   }
   void endAllocateToPool(c10::DeviceIndex device, c10::cuda::MempoolId_t mempool_id) override {
     CachingAllocator& a = device_ref(device);
     a.end_allocate_to_pool(pool_id(mempool_id));
     if (!kTorchMarksCaptures) a.capture_end();
+    pinned_capture(pool_id(mempool_id), false);
   }
   void releasePool(c10::DeviceIndex device, c10::cuda::MempoolId_t mempool_id) override {
     device_ref(device).release_pool(pool_id(mempool_id));
@@ -407,8 +406,53 @@ class DeviceAllocator final : public Pluggable {
   int getPoolUseCount(c10::DeviceIndex device, c10::cuda::MempoolId_t mempool_id) {
     return device_ref(device).pool_use_count(pool_id(mempool_id));
   }
+  // torch.cuda.MemPool(): torch 2.8 passes the allocator as a raw pointer, later ones as a shared_ptr.
   void createOrIncrefPool(c10::DeviceIndex device, c10::cuda::MempoolId_t mempool_id,
-                          std::shared_ptr<c10::cuda::CUDACachingAllocator::CUDAAllocator> /*allocator*/ = nullptr) {
+                          std::shared_ptr<c10::cuda::CUDACachingAllocator::CUDAAllocator> allocator = nullptr) {
+    create_pool(device, mempool_id, allocator.get());
+  }
+  void createOrIncrefPool(c10::DeviceIndex device, c10::cuda::MempoolId_t mempool_id,
+                          c10::cuda::CUDACachingAllocator::CUDAAllocator* allocator) {
+    create_pool(device, mempool_id, allocator);
+  }
+  // MemPool(use_on_oom=True) / the no-split option: not implemented; turning them off is a no-op
+  // (~MemPool does that, and a destructor must not throw).
+  void setUseOnOOM(c10::DeviceIndex /*device*/, c10::cuda::MempoolId_t /*mempool_id*/, bool use_on_oom) {
+    if (use_on_oom) {
+      TORCH_WARN_ONCE("torch_wsl allocator: MemPool(use_on_oom=True) is not supported; ignored");
+    }
+  }
+  void setNoSplit(c10::DeviceIndex /*device*/, c10::cuda::MempoolId_t /*mempool_id*/) {
+    TORCH_WARN_ONCE("torch_wsl allocator: MemPool(no_split=True) is not supported; blocks may be split");
+  }
+
+ private:
+  // The pinned pool records its events on CUDA streams too, so it holds
+  // them back while the device's allocations go to a pool (older torch does
+  // not tell the host allocator about captures).
+  void pinned_capture(PoolId id, bool begin) {
+    const std::shared_ptr<PinnedPool> pool = process_pinned_pool_if_created();
+    std::lock_guard<std::mutex> g(pinned_mutex_);
+    if (begin && pool) {
+      pool->pinned().capture_begin();
+      pinned_marked_.push_back({id, pool});
+    } else if (!begin) {
+      for (auto it = pinned_marked_.begin(); it != pinned_marked_.end(); ++it)
+        if (it->first == id) {
+          it->second->pinned().capture_end();
+          pinned_marked_.erase(it);
+          break;
+        }
+    }
+  }
+  std::mutex pinned_mutex_;
+  std::vector<std::pair<PoolId, std::shared_ptr<PinnedPool>>> pinned_marked_;
+
+  void create_pool(c10::DeviceIndex device, c10::cuda::MempoolId_t mempool_id,
+                   c10::cuda::CUDACachingAllocator::CUDAAllocator* allocator) {
+    TORCH_CHECK(allocator == nullptr || allocator == this,
+                "torch_wsl allocator: torch.cuda.MemPool(allocator=...) with another allocator is not supported "
+                "while torch_wsl serves CUDA memory");
     device_ref(device).create_or_incref_pool(pool_id(mempool_id));
   }
 };
@@ -443,6 +487,9 @@ void install_device_allocator() {
   auto fresh = std::make_shared<DeviceAllocator>();
   // Raises "Can't swap an already initialized allocator" once CUDA is in use.
   torch::cuda::CUDAPluggableAllocator::changeCurrentAllocator(fresh);
+  // c10::GetAllocator(kCUDA) (torch.accelerator.memory_*, getDeviceAllocator
+  // users) still points at the native allocator after the swap above.
+  c10::SetAllocator(c10::DeviceType::CUDA, fresh.get(), /*priority=*/1);
   a = std::move(fresh);
 }
 
@@ -548,21 +595,6 @@ PinnedPool::PinnedPool(const Policy& policy, std::size_t pinned_budget_bytes)
       pageable_(std::make_shared<CachingAllocator>(std::make_shared<HostBackend>(HostConfig{64, false, 2 << 20}),
                                                    policy)) {}
 
-Allocation PinnedPool::allocate(std::size_t nbytes) {
-  if (nbytes == 0) return {};
-  try {
-    return pinned_->allocate(nbytes, kHostStream);
-  } catch (const OutOfMemoryError&) {
-    return fall_back(nbytes, backend_->last_refusal());
-  }
-}
-
-Allocation PinnedPool::fall_back(std::size_t nbytes, const std::string& why) {
-  const Allocation a = pageable_->allocate(nbytes, kHostStream);
-  note_fallback(why);
-  return a;
-}
-
 void PinnedPool::note_fallback(const std::string& why) {
   std::lock_guard<std::mutex> g(mutex_);
   if (warned_) return;
@@ -591,6 +623,11 @@ void PinnedPool::free(void* ptr) {
   throw std::invalid_argument("free(): the pointer was not allocated by this pinned pool, or was freed already");
 }
 
+bool PinnedPool::record_stream(void* ptr, StreamId stream, int device) {
+  // A pageable block gets no event (its backend has no streams: copies from it are synchronous).
+  return pinned_->try_record_stream(ptr, stream, device) || pageable_->try_record_stream(ptr, stream, device);
+}
+
 void PinnedPool::empty_cache() {
   pinned_->empty_cache();
   pageable_->empty_cache();
@@ -615,34 +652,47 @@ PinnedState& pinned_state() {
 
 PinnedPool& pinned_ref() { return *pinned_state().pool; }
 
-// PyTorch's CUDA host allocator interface over the pinned pool. The DataPtr
-// context is the block handle, which knows its pool (pinned or pageable).
+// at::HostStats names its fields differently in torch 2.8 and in later versions.
+template <class H>
+auto fill_host_stats(H& h, const Stats& st, int) -> decltype(h.active_requests, void()) {
+  copy_stat(st.allocation[kAll], h.active_requests);
+  copy_stat(st.allocated_bytes[kAll], h.active_bytes);
+  copy_stat(st.segment[kAll], h.allocations);
+  copy_stat(st.reserved_bytes[kAll], h.allocated_bytes);
+}
+template <class H>
+void fill_host_stats(H& h, const Stats& st, long) {
+  copy_stat(st.allocation[kAll], h.allocation);
+  copy_stat(st.segment[kAll], h.segment);
+  copy_stat(st.allocated_bytes[kAll], h.allocated_bytes);
+  copy_stat(st.reserved_bytes[kAll], h.reserved_bytes);
+}
+
+// PyTorch's CUDA host allocator interface over the pinned pool. Contexts
+// are the allocations' base pointers (a view's data pointer may point
+// inside one); record_event is called for every non_blocking copy, pinned or
+// not, so it only acts on pointers the pools know.
 class PinnedHostAllocator final : public at::HostAllocator {
  public:
   at::DataPtr allocate(size_t nbytes) override {
     const c10::Device cpu(c10::DeviceType::CPU);
     if (nbytes == 0) return {nullptr, nullptr, &release, cpu};
     PinnedPool& pool = pinned_ref();
-    const Allocation a = translate_oom([&] { return pool.allocate(nbytes); });
+    void* p = translate_oom([&] { return pool.malloc(nbytes); });
     const std::string warning = pool.take_warning();
     if (!warning.empty()) TORCH_WARN(warning);
-    return {a.ptr, a.handle, &release, cpu};
+    return {p, p, &release, cpu};
   }
   bool record_event(void* /*ptr*/, void* ctx, c10::Stream stream) override {
     if (stream.device_type() != c10::DeviceType::CUDA || ctx == nullptr) return false;
-    auto* b = static_cast<Block*>(ctx);
     const c10::cuda::CUDAStream cs(c10::cuda::CUDAStream::UNCHECKED, stream);
-    CachingAllocator::owner(b).record_stream(b, stream_id(cs.stream()), static_cast<int>(stream.device_index()));
-    return true;
+    return pinned_ref().record_stream(ctx, stream_id(cs.stream()), static_cast<int>(stream.device_index()));
   }
   void empty_cache() override { pinned_ref().empty_cache(); }
   at::HostStats get_stats() override {
     const Stats st = pinned_ref().pinned().stats();
     at::HostStats h;
-    copy_stat(st.allocation[kAll], h.active_requests);
-    copy_stat(st.allocated_bytes[kAll], h.active_bytes);
-    copy_stat(st.segment[kAll], h.allocations);
-    copy_stat(st.reserved_bytes[kAll], h.allocated_bytes);
+    fill_host_stats(h, st, 0);
     h.num_host_alloc = st.num_device_alloc;
     h.num_host_free = st.num_device_free;
     return h;
@@ -654,9 +704,20 @@ class PinnedHostAllocator final : public at::HostAllocator {
     default_copy_data(dest, src, count);
   }
 
+  // CUDA graph capture (torch 2.11 and later ask the host allocator too):
+  // pinned buffers allocated while the current stream is being captured
+  // come from a private pool, and its events wait as the device pool's do.
+  // Declared without `override`: older torch has no such hooks.
+  void begin_allocate_to_pool(c10::cuda::MempoolId_t pool, std::function<bool(c10::Stream)> filter) {
+    pinned_ref().pinned().begin_allocate_to_pool(
+        pool_id(pool), [f = std::move(filter)](StreamId) { return f(c10::cuda::getCurrentCUDAStream()); });
+  }
+  void end_allocate_to_pool(c10::cuda::MempoolId_t pool) { pinned_ref().pinned().end_allocate_to_pool(pool_id(pool)); }
+  void release_pool(c10::cuda::MempoolId_t pool) { pinned_ref().pinned().release_pool(pool_id(pool)); }
+
  private:
-  static void release(void* ctx) noexcept {
-    if (ctx != nullptr) no_throw([&] { CachingAllocator::release(static_cast<Block*>(ctx)); });
+  static void release(void* ptr) noexcept {
+    if (ptr != nullptr) no_throw([&] { pinned_ref().free(ptr); });
   }
 };
 

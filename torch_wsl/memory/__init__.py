@@ -265,6 +265,12 @@ def enable(device: str = "cuda", **policy: Any) -> None:
       budget defaults to ``recommended_settings().vram_budget_fraction`` of the
       free memory each device reports when first used. CUDA virtual memory
       (``expandable_segments``) is never used: it fails on some WSL drivers.
+      ``torch.cuda.memory_stats()`` and friends, cuDNN's benchmark mode,
+      ``set_per_process_memory_fraction`` and CUDA graph capture work
+      unchanged; ``torch._inductor.config.triton.cudagraph_trees`` is set to
+      False, because CUDA graph trees need the native allocator's internal
+      state: ``torch.compile(mode="reduce-overhead")`` then captures one plain
+      CUDA graph per compiled graph.
     * ``"pinned"``: PyTorch's CUDA host allocator, so ``tensor.pin_memory()``,
       ``torch.empty(..., pin_memory=True)`` and ``DataLoader(pin_memory=True)``
       pin from the pool; ``budget`` (default ``recommended_settings().pinned_budget_bytes``)
@@ -325,6 +331,20 @@ def enable(device: str = "cuda", **policy: Any) -> None:
     # torch.cuda.memory_stats() & co., cuDNN's cacheInfo, and CUDA graph capture's private pools.
     _A.cuda_install()
     _enabled["cuda"] = True
+    _plain_cudagraphs_for_inductor()
+
+
+def _plain_cudagraphs_for_inductor() -> None:
+    # torch.compile(mode="reduce-overhead") uses "CUDA graph trees" by default,
+    # which checkpoint the native allocator's internal pool state: no
+    # pluggable allocator can answer that. Its plain CUDA-graph mode uses
+    # torch.cuda.graph, which torch_wsl's private pools serve.
+    try:
+        import torch._inductor.config as inductor_config
+    except Exception:  # noqa: BLE001 - no inductor in this torch: nothing to adjust
+        return
+    # Documented in enable(); no warning, so that every run of a script is not told again.
+    inductor_config.triton.cudagraph_trees = False
 
 
 def disable(device: str = "cpu") -> bool:

@@ -63,6 +63,7 @@ struct PrivatePool {
   PoolId id;
   int use_count = 0;
   std::int64_t segments = 0;
+  int growing = 0;  // segments being asked of the backend for it right now (the lock is released then)
   std::vector<std::unique_ptr<StreamPools>> streams;
 };
 
@@ -259,8 +260,14 @@ std::size_t CachingAllocator::set_memory_fraction(double fraction) {
     cap = std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(info->total_bytes) * fraction));
   }
   budget_fraction_cap_ = cap;
+  memory_fraction_ = fraction;
   apply_budget_locked();
   return budget_;
+}
+
+double CachingAllocator::memory_fraction() const {
+  Lock lk(mutex_);
+  return memory_fraction_;
 }
 
 std::size_t CachingAllocator::budget_headroom() const {
@@ -270,8 +277,16 @@ std::size_t CachingAllocator::budget_headroom() const {
   return budget_ > used ? budget_ - used : 0;
 }
 
-std::size_t CachingAllocator::largest_free_block() const {
+std::size_t CachingAllocator::largest_free_block(StreamId stream) const {
   Lock lk(mutex_);
+  // The caches a request on `stream` would be served from (a routed pool's or the shared one).
+  const PrivatePool* pool = nullptr;
+  for (const Routing& r : routing_)
+    if (r.filter(stream)) {
+      pool = r.pool;
+      break;
+    }
+  const auto& list = pool != nullptr ? pool->streams : streams_;
   std::size_t best = 0;
   auto scan = [&](const FreeBins& fb) {
     int last = -1;
@@ -279,16 +294,17 @@ std::size_t CachingAllocator::largest_free_block() const {
     if (last < 0) return;
     for (const Block* b = fb.heads[last]; b != nullptr; b = b->bin_next) best = std::max(best, b->size);
   };
-  for (const auto& p : streams_) {
+  for (const auto& p : list) {
+    if (p->stream != stream) continue;
     scan(p->small);
     scan(p->large);
   }
-  for (const auto& pool : private_pools_)
-    for (const auto& p : pool->streams) {
-      scan(p->small);
-      scan(p->large);
-    }
   return best;
+}
+
+bool CachingAllocator::events_blocked() const {
+  Lock lk(mutex_);
+  return events_blocked_locked();
 }
 
 std::size_t CachingAllocator::budget() const {
@@ -427,7 +443,7 @@ Allocation CachingAllocator::allocate(std::size_t nbytes, StreamId stream) {
 Block* CachingAllocator::allocate_locked(Lock& lk, std::size_t nbytes, StreamId stream) {
   if (nbytes > (SIZE_MAX >> 2)) raise_oom_locked(nbytes, nbytes, "the request is larger than any backend can provide");
   const std::size_t size = round_size(nbytes);
-  if (!pending_events_.empty() && capture_depth_ == 0) process_events_locked();
+  if (!pending_events_.empty() && !events_blocked_locked()) process_events_locked();
   StreamPools& pools = routing_.empty() ? pools_for(stream, nullptr) : target_pools_locked(stream);
   const bool small = size <= policy_.small_size;
   Block* b = best_fit_locked(pools, small, size);
@@ -454,18 +470,21 @@ Block* CachingAllocator::grow_locked(Lock& lk, StreamPools& pools, bool small, s
         continue;
       }
       pending_reserve_ += want;
+      if (pools.pool != nullptr) ++pools.pool->growing;  // keeps the pool alive while unlocked
       lk.unlock();
       void* p = nullptr;
       try {
         p = backend_->allocate(want);
       } catch (...) {
         lk.lock();
+        if (pools.pool != nullptr) --pools.pool->growing;
         pending_reserve_ -= want;
         ++stats_.num_device_alloc;
         ++stats_.num_device_alloc_failed;
         throw;
       }
       lk.lock();
+      if (pools.pool != nullptr) --pools.pool->growing;
       pending_reserve_ -= want;
       ++stats_.num_device_alloc;
       if (p == nullptr) {
@@ -507,10 +526,10 @@ Block* CachingAllocator::grow_locked(Lock& lk, StreamPools& pools, bool small, s
       return b;
     }
     // Memory cannot go back to the backend during a capture (cudaFree is not allowed then).
-    if (released || capture_depth_ > 0) break;
+    if (released || events_blocked_locked()) break;
     // Rung 3: give every cached free segment back and try again.
     ++stats_.num_alloc_retries;
-    release_cached_locked(lk);
+    release_cached_locked(lk, nullptr);
     if (Block* b = best_fit_locked(pools, small, size)) {  // events may have returned blocks
       bin_remove(b);
       return b;
@@ -594,7 +613,7 @@ void CachingAllocator::release_locked(Block* b) {
     return;
   }
   b->state = BlockState::kPendingEvents;
-  if (capture_depth_ > 0) {  // an event recorded now would become part of the graph
+  if (events_blocked_locked()) {  // an event recorded now could become part of a graph
     deferred_events_.push_back(b);
     return;
   }
@@ -682,7 +701,7 @@ void CachingAllocator::record_stream_locked(Block* b, StreamId stream, int devic
 
 void CachingAllocator::process_events() {
   Lock lk(mutex_);
-  if (capture_depth_ == 0) process_events_locked();
+  if (!events_blocked_locked()) process_events_locked();
 }
 
 void CachingAllocator::process_events_locked() {
@@ -756,6 +775,7 @@ void CachingAllocator::end_allocate_to_pool(PoolId pool) {
   for (auto it = routing_.begin(); it != routing_.end(); ++it) {
     if (it->pool->id == pool) {
       routing_.erase(it);
+      if (!events_blocked_locked()) record_deferred_events_locked();
       return;
     }
   }
@@ -769,13 +789,21 @@ void CachingAllocator::release_pool(PoolId pool) {
   --p->use_count;
   // Its memory goes back on the next empty_cache() or under pressure, once
   // its blocks are freed; a pool that never got memory goes now.
-  const bool routed = std::any_of(routing_.begin(), routing_.end(), [&](const Routing& r) { return r.pool == p; });
-  if (p->use_count == 0 && p->segments == 0 && !routed) {
-    stats_.private_pools.update(-1);
-    if (last_pools_ != nullptr && last_pools_->pool == p) last_pools_ = nullptr;
-    private_pools_.erase(std::find_if(private_pools_.begin(), private_pools_.end(),
-                                      [&](const std::unique_ptr<PrivatePool>& q) { return q.get() == p; }));
-  }
+  erase_dead_pools_locked();
+}
+
+bool CachingAllocator::pool_is_dead_locked(const PrivatePool& p) const {
+  const bool routed = std::any_of(routing_.begin(), routing_.end(), [&](const Routing& r) { return r.pool == &p; });
+  return p.use_count == 0 && p.segments == 0 && p.growing == 0 && !routed;
+}
+
+void CachingAllocator::erase_dead_pools_locked() {
+  const auto dead = [this](const std::unique_ptr<PrivatePool>& p) { return pool_is_dead_locked(*p); };
+  const auto n = std::count_if(private_pools_.begin(), private_pools_.end(), dead);
+  if (n == 0) return;
+  stats_.private_pools.update(-static_cast<std::int64_t>(n));
+  private_pools_.erase(std::remove_if(private_pools_.begin(), private_pools_.end(), dead), private_pools_.end());
+  last_pools_ = nullptr;
 }
 
 int CachingAllocator::pool_use_count(PoolId pool) const {
@@ -792,7 +820,7 @@ void CachingAllocator::capture_begin() {
 void CachingAllocator::capture_end() {
   Lock lk(mutex_);
   if (capture_depth_ == 0) throw std::logic_error("capture_end() without capture_begin()");
-  if (--capture_depth_ == 0) record_deferred_events_locked();
+  if (--capture_depth_ == 0 && !events_blocked_locked()) record_deferred_events_locked();
 }
 
 bool CachingAllocator::capturing() const {
@@ -800,29 +828,37 @@ bool CachingAllocator::capturing() const {
   return capture_depth_ > 0;
 }
 
-// Frees deferred during a capture get their stream events now.
+// Frees deferred while events were blocked get their stream events now. A
+// failure keeps that block out of the cache (counted in num_free_errors)
+// and does not stop the others: this runs at the end of a capture, from
+// torch's clean-up paths, which must not throw.
 void CachingAllocator::record_deferred_events_locked() {
   std::vector<Block*> blocks;
   blocks.swap(deferred_events_);
-  std::exception_ptr error;
   for (Block* b : blocks) {
     try {
       record_use_events_locked(b);
     } catch (...) {
-      if (!error) error = std::current_exception();
     }
   }
-  if (error) std::rethrow_exception(error);
 }
 
 // ---------------------------------------------------------------- releasing memory
 
 void CachingAllocator::empty_cache() {
   Lock lk(mutex_);
-  if (capture_depth_ > 0)
-    throw std::logic_error("empty_cache() during a CUDA graph capture: cached memory cannot be released while a "
-                           "stream is being captured (cudaFree is not allowed then); call it after the capture");
-  release_cached_locked(lk);
+  // While allocations go to a private pool a capture may be running, and
+  // cudaFree or an event wait would break it: nothing is released then.
+  if (events_blocked_locked()) return;
+  release_cached_locked(lk, nullptr);
+}
+
+void CachingAllocator::empty_cache(PoolId pool) {
+  Lock lk(mutex_);
+  if (events_blocked_locked()) return;
+  PrivatePool* p = find_pool_locked(pool);
+  if (p == nullptr) return;
+  release_cached_locked(lk, p);
 }
 
 // Unlinks a fully free segment and drops it from the statistics (its memory
@@ -845,7 +881,9 @@ void CachingAllocator::forget_segment_locked(Segment* s) {
   free_segments_.push_back(s);
 }
 
-std::size_t CachingAllocator::release_cached_locked(Lock& lk) {
+// Gives fully free segments back: all of them (only_pool == nullptr), or
+// only those of one private pool.
+std::size_t CachingAllocator::release_cached_locked(Lock& lk, const PrivatePool* only_pool) {
   synchronize_events_locked();
   std::vector<std::pair<std::uintptr_t, std::size_t>> to_free;
   bool pool_emptied = false;
@@ -854,23 +892,15 @@ std::size_t CachingAllocator::release_cached_locked(Lock& lk) {
     const Block* b = s->first;
     const PrivatePool* pool = s->pools->pool;
     // A pool still in use keeps its memory: its graphs' replays write there.
-    if (b->state == BlockState::kFree && b->next == nullptr && (pool == nullptr || pool->use_count == 0)) {
+    if (b->state == BlockState::kFree && b->next == nullptr && (pool == nullptr || pool->use_count == 0) &&
+        (only_pool == nullptr || pool == only_pool)) {
       pool_emptied = pool_emptied || pool != nullptr;
       to_free.emplace_back(s->addr, s->size);
       forget_segment_locked(s);
     }
     s = next;
   }
-  if (pool_emptied) {  // pools without uses or memory are gone
-    const auto dead = [this](const std::unique_ptr<PrivatePool>& p) {
-      const bool routed = std::any_of(routing_.begin(), routing_.end(), [&](const Routing& r) { return r.pool == p.get(); });
-      return p->use_count == 0 && p->segments == 0 && !routed;
-    };
-    for (const auto& p : private_pools_)
-      if (dead(p)) stats_.private_pools.update(-1);
-    private_pools_.erase(std::remove_if(private_pools_.begin(), private_pools_.end(), dead), private_pools_.end());
-    last_pools_ = nullptr;
-  }
+  if (pool_emptied) erase_dead_pools_locked();  // pools without uses or memory are gone
   if (to_free.empty()) return 0;
   trace_.push(TraceAction::kEmptyCache, 0, 0, 0);
   std::size_t bytes = 0;

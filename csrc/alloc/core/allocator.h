@@ -183,15 +183,21 @@ class CachingAllocator final : public AllocatorInterface {
   void release_pool(PoolId pool);
   int pool_use_count(PoolId pool) const;  // 0 for an unknown pool
   // A stream capture began / ended on this allocator's device (nested
-  // captures count). While one runs: no event queries or records (frees of
-  // blocks used on other streams are deferred to the end of the capture),
-  // no memory back to the backend, and empty_cache() throws.
+  // captures count). While one runs, and while any pool is being allocated
+  // to (a capture may be starting or ending then, on another thread): no
+  // event queries or records (frees of blocks used on other streams are
+  // deferred until then), no memory back to the backend (the out-of-memory
+  // ladder stops before releasing the cache; empty_cache() does nothing).
   void capture_begin();
   void capture_end();
   bool capturing() const;
+  bool events_blocked() const;
 
-  // Waits for pending events, then returns every fully free segment to the backend.
+  // Waits for pending events, then returns every fully free segment to the
+  // backend (not those of private pools still in use).
   void empty_cache();
+  // The same for one private pool's segments, once the pool is released.
+  void empty_cache(PoolId pool);
   // Returns blocks whose streams' work completed to the cache (malloc does this too).
   void process_events();
 
@@ -211,11 +217,13 @@ class CachingAllocator final : public AllocatorInterface {
   // backend's total memory, kept alongside the budget above (the smaller
   // wins); 0 drops it. Returns the effective budget.
   std::size_t set_memory_fraction(double fraction);
+  double memory_fraction() const;  // the last fraction set (0: none)
   std::size_t budget() const;
   // Bytes that can still be reserved under the budget (SIZE_MAX: no budget).
   std::size_t budget_headroom() const;
-  // The largest cached free block, in any pool and stream (0: none).
-  std::size_t largest_free_block() const;
+  // The largest cached free block a request on `stream` could be served
+  // from right now (its private pool's if it is routed to one; 0: none).
+  std::size_t largest_free_block(StreamId stream) const;
 
   const Policy& policy() const { return policy_; }
   Backend& backend() { return *backend_; }
@@ -247,7 +255,10 @@ class CachingAllocator final : public AllocatorInterface {
   void record_stream_locked(Block* b, StreamId stream, int device);
   void process_events_locked();
   void synchronize_events_locked();
-  std::size_t release_cached_locked(Lock& lk);
+  std::size_t release_cached_locked(Lock& lk, const PrivatePool* only_pool);
+  bool events_blocked_locked() const { return capture_depth_ > 0 || !routing_.empty(); }
+  bool pool_is_dead_locked(const PrivatePool& p) const;
+  void erase_dead_pools_locked();
   Block* best_fit_locked(StreamPools& pools, bool small, std::size_t size);
   StreamPools& pools_for(StreamId stream, PrivatePool* pool);
   void bin_insert(Block* b);
@@ -267,6 +278,7 @@ class CachingAllocator final : public AllocatorInterface {
   std::size_t budget_ = 0;             // the effective cap: the smaller non-zero of the two below
   std::size_t budget_base_ = 0;        // from the policy / set_budget
   std::size_t budget_fraction_cap_ = 0;  // from set_memory_fraction
+  double memory_fraction_ = 0.0;
   std::size_t pending_reserve_ = 0;  // bytes being asked of the backend right now (counted against the budget)
 
   mutable std::mutex mutex_;

@@ -3,8 +3,10 @@
 // inputs: the allocator core on the simulated backend. No torch, no CUDA.
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <memory>
 #include <stdexcept>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -225,7 +227,11 @@ TEST(AllocCapture, NoEventQueriesOrRecordsAndNoReleaseDuringCapture) {
   f.alloc.free(used);                               // used on stream 9: its event is deferred
   EXPECT_EQ(f.sim->counters().events_queried, queried);
   EXPECT_EQ(f.sim->counters().events_recorded, recorded);
-  EXPECT_THROW(f.alloc.empty_cache(), std::logic_error);
+  const auto reserved = f.stat("reserved_bytes.all.current");
+  f.alloc.empty_cache();  // nothing may be freed during a capture: a no-op
+  EXPECT_EQ(f.stat("reserved_bytes.all.current"), reserved);
+  EXPECT_EQ(f.sim->counters().free_calls, 0);
+  EXPECT_EQ(f.sim->counters().events_queried, queried);
   f.alloc.capture_end();
   f.alloc.end_allocate_to_pool(kGraphPool);
 
@@ -321,19 +327,90 @@ TEST(AllocBudget, MemoryFractionCapsAtTotalMemoryAndKeepsTheByteBudget) {
   f.alloc.free(held);
 }
 
-TEST(AllocCache, LargestFreeBlockSeesEveryPoolAndStream) {
+TEST(AllocCache, LargestFreeBlockIsWhatTheStreamCouldBeServed) {
   Fixture f;
-  EXPECT_EQ(f.alloc.largest_free_block(), 0u);
+  EXPECT_EQ(f.alloc.largest_free_block(1), 0u);
   void* a = f.alloc.malloc(40 * MiB, 1);
-  void* b = f.alloc.malloc(4 * KiB, 2);
   f.alloc.free(a);
-  EXPECT_EQ(f.alloc.largest_free_block(), 40 * MiB);
+  EXPECT_EQ(f.alloc.largest_free_block(1), 40 * MiB);
+  EXPECT_EQ(f.alloc.largest_free_block(2), 0u);  // another stream's cache does not serve it
   f.begin();
   void* g = f.alloc.malloc(64 * MiB, kCapture);
-  f.alloc.end_allocate_to_pool(kGraphPool);
   f.alloc.free(g);
-  EXPECT_EQ(f.alloc.largest_free_block(), 64 * MiB);
-  f.alloc.free(b);
+  EXPECT_EQ(f.alloc.largest_free_block(kCapture), 64 * MiB);  // routed: the pool's cache
+  EXPECT_EQ(f.alloc.largest_free_block(1), 40 * MiB);
+  f.alloc.end_allocate_to_pool(kGraphPool);
+  EXPECT_EQ(f.alloc.largest_free_block(kCapture), 0u);  // not routed: the shared cache of that stream
+}
+
+TEST(AllocPools, RoutingAloneBlocksEventsUntilItEnds) {
+  // torch routes allocations to the pool before cudaStreamBeginCapture and
+  // stops after cudaStreamEndCapture: another thread's free in between must
+  // not record or query events.
+  Fixture f;
+  void* used = f.alloc.malloc(8 * KiB, kEager);
+  f.alloc.record_stream(used, 9);
+  f.begin();
+  EXPECT_TRUE(f.alloc.events_blocked());
+  f.alloc.free(used);
+  EXPECT_EQ(f.sim->counters().events_recorded, 0);
+  f.alloc.end_allocate_to_pool(kGraphPool);
+  EXPECT_FALSE(f.alloc.events_blocked());
+  EXPECT_EQ(f.sim->counters().events_recorded, 1);  // recorded when the routing ended
+}
+
+TEST(AllocPools, EmptyCacheOfOnePoolLeavesTheRest) {
+  Fixture f;
+  f.alloc.free(f.alloc.malloc(4 * MiB, kEager));
+  const PoolId mempool{0, 3};
+  f.alloc.create_or_incref_pool(mempool);
+  f.alloc.begin_allocate_to_pool(mempool, [](StreamId) { return true; });
+  f.alloc.free(f.alloc.malloc(4 * MiB, kEager));
+  f.alloc.end_allocate_to_pool(mempool);
+  f.alloc.release_pool(mempool);
+  f.alloc.empty_cache(mempool);  // a live pool (one use left) keeps its memory
+  EXPECT_EQ(f.stat("segment.all.current"), 2);
+  f.alloc.release_pool(mempool);
+  f.alloc.empty_cache(mempool);  // ~MemPool: only that pool's memory goes
+  EXPECT_EQ(f.stat("segment.all.current"), 1);
+  EXPECT_EQ(f.stat("private_pools.current"), 0);
+}
+
+// A backend that runs a callback inside allocate(), when the allocator's lock is released.
+class CallbackBackend final : public Backend {
+ public:
+  explicit CallbackBackend(std::shared_ptr<SimulatedBackend> sim) : sim_(std::move(sim)) {}
+  const char* name() const override { return "callback"; }
+  void* allocate(std::size_t n) override {
+    if (on_allocate) std::exchange(on_allocate, nullptr)();
+    return sim_->allocate(n);
+  }
+  void deallocate(void* p, std::size_t n) override { sim_->deallocate(p, n); }
+  std::function<void()> on_allocate;
+
+ private:
+  std::shared_ptr<SimulatedBackend> sim_;
+};
+
+TEST(AllocPools, APoolIsNotDeletedWhileASegmentIsBeingAskedForIt) {
+  auto sim = std::make_shared<SimulatedBackend>();
+  auto backend = std::make_shared<CallbackBackend>(sim);
+  CachingAllocator alloc(backend);
+  alloc.begin_allocate_to_pool(kGraphPool, [](StreamId s) { return s == kCapture; });
+  // Another thread ends the capture and destroys the graph while cudaMalloc runs.
+  backend->on_allocate = [&] {
+    alloc.end_allocate_to_pool(kGraphPool);
+    alloc.release_pool(kGraphPool);
+  };
+  void* p = alloc.malloc(1 * MiB, kCapture);
+  const auto snap = alloc.snapshot();
+  ASSERT_EQ(snap.size(), 1u);
+  EXPECT_EQ(snap[0].pool, kGraphPool);  // the segment joined a pool that still exists
+  alloc.free(p);
+  alloc.empty_cache();
+  for (const auto& [k, v] : alloc.stats().items()) {
+    if (k == "private_pools.current" || k == "reserved_bytes.all.current") EXPECT_EQ(v, 0) << k;
+  }
 }
 
 }  // namespace
