@@ -1,10 +1,11 @@
-// Block-wide sums for kernels that give one thread block to one row.
+// Warp- and block-wide sums for the row kernels (a warp or a block per row).
 #pragma once
 
 #include <cuda_runtime.h>
 
 namespace torch_wsl::gpu {
 
+// Sum over the 32 lanes of a warp; every lane gets it. All 32 lanes must call.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
@@ -12,10 +13,19 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// Sums a and b over the block (blockDim.x a multiple of 32, at most 1024);
-// every thread gets the totals. `shared` holds 2 * 32 values.
-template <typename T>
+// Sums a and b over the block; every thread gets the totals. Every thread of
+// the block must call it (it holds two barriers).
+//
+// Assumes blockDim.x is a multiple of 32 and at most kMaxThreads (a multiple
+// of 32, at most 1024): the full-mask shuffles are undefined on a partial warp
+// and `shared` holds one slot per warp. kMaxThreads is checked here; the
+// launch's actual block size is checked on the host with TORCH_CHECK (see
+// the row kernels' launch code). `shared` holds 2 * (kMaxThreads / 32) values.
+template <int kMaxThreads, typename T>
 __device__ __forceinline__ void block_sum2(T& a, T& b, T* shared) {
+  static_assert(kMaxThreads % 32 == 0 && kMaxThreads >= 32 && kMaxThreads <= 1024,
+                "block_sum2: the block size must be whole warps, at most 1024 threads");
+  constexpr int kSlots = kMaxThreads / 32;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int warps = blockDim.x >> 5;
@@ -24,11 +34,11 @@ __device__ __forceinline__ void block_sum2(T& a, T& b, T* shared) {
   __syncthreads();  // `shared` may still be read by an earlier call
   if (lane == 0) {
     shared[warp] = a;
-    shared[32 + warp] = b;
+    shared[kSlots + warp] = b;
   }
   __syncthreads();
   a = lane < warps ? shared[lane] : T(0);
-  b = lane < warps ? shared[32 + lane] : T(0);
+  b = lane < warps ? shared[kSlots + lane] : T(0);
   a = warp_sum(a);
   b = warp_sum(b);
 }

@@ -2,25 +2,34 @@
 // norm_math.h's, shared with the CPU kernels; argument checks and output
 // allocation are norm.h's, shared with the CPU registration.
 //
-// Forward and input-gradient kernels give one block to one row and accumulate
-// in fp32 (fp64 for double). Rows are read with 16-byte vector loads over their
-// aligned body, with scalar heads and tails (row_split.h), whenever the base
-// pointers are 16-byte aligned; otherwise element by element. Weight/bias
-// gradients use a two-stage reduction: per-tile partial sums over row groups,
-// then a sum over groups.
+// Forward and input-gradient kernels accumulate in fp32 (fp64 for double) and
+// give each row a team of threads: a warp for rows of at most
+// kWarpRowMaxCols elements (kWarpRowsPerBlock rows per block, shuffle
+// reductions only), else a block (shuffles, then shared memory across warps);
+// the launch geometry is norm_launch.h's, tested on CPU.
+// Rows are read with 16-byte vector loads over their aligned body, with scalar
+// heads and tails (row_split.h's split_row_at), whenever every tensor walked
+// together is misaligned by the same byte offset; otherwise element by element.
+// Weight/bias gradients use a two-stage reduction: per-tile partial sums over
+// row groups (about 4 blocks per SM), then a sum over groups.
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "build_info.h"
 #include "cuda/block_reduce.cuh"
+#include "cuda/norm_launch.h"
 #include "cuda/types.cuh"
 #include "dispatch.h"
 #include "norm.h"
@@ -77,33 +86,87 @@ __device__ __forceinline__ void load_row(const scalar_t* __restrict__ x, const s
   }
 }
 
-constexpr int kMaxRowThreads = 256;
+using norm_launch::kMaxRowThreads;
+using norm_launch::kTileCols;
+using norm_launch::kTileRows;
 
-template <int N>
-using Width = std::integral_constant<int, N>;
+// The threads that share a row and the rows they visit. kWarpPerRow: lane
+// `rank` of warp w of block b takes rows b * warps + w, then strides by
+// gridDim.x * warps (warps = blockDim.x / 32); the loop over rows is
+// warp-uniform, so the full-mask shuffles see the whole warp and no barrier
+// is needed. Else: thread `rank` of block b takes rows b, b + gridDim.x, ...;
+// the loop is block-uniform, as block_sum2's barriers require. Either way
+// blockDim.x must be whole warps (checked at launch).
+template <bool kWarpPerRow>
+struct RowTeam {
+  int rank;
+  int size;
+  int64_t first;
+  int64_t step;
 
-// Calls body(Width<W>{}, i) for every element group of a row that starts at
-// flat index `off`: VEC-wide groups over the aligned body, single elements
-// over the head and tail. Every pass of a kernel walks the row the same way,
-// so each thread touches the same elements in every pass.
-template <int VEC, typename Body>
-__device__ __forceinline__ void for_row(int64_t off, int64_t cols, Body&& body) {
-  const RowSplit split = split_row<VEC>(off, cols);
-  for (int64_t i = threadIdx.x; i < split.head_end; i += blockDim.x) body(Width<1>{}, i);
-  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
-  for (int64_t i = split.head_end + static_cast<int64_t>(threadIdx.x) * VEC; i < split.body_end; i += step) {
-    body(Width<VEC>{}, i);
+  __device__ __forceinline__ RowTeam() {
+    if constexpr (kWarpPerRow) {
+      const int warps = static_cast<int>(blockDim.x >> 5);
+      rank = static_cast<int>(threadIdx.x & 31);
+      size = 32;
+      first = static_cast<int64_t>(blockIdx.x) * warps + static_cast<int64_t>(threadIdx.x >> 5);
+      step = static_cast<int64_t>(gridDim.x) * warps;
+    } else {
+      rank = static_cast<int>(threadIdx.x);
+      size = static_cast<int>(blockDim.x);
+      first = blockIdx.x;
+      step = gridDim.x;
+    }
   }
-  for (int64_t i = split.body_end + threadIdx.x; i < cols; i += blockDim.x) body(Width<1>{}, i);
+
+  // Sums over the team; every member gets the totals. `shared` is the block
+  // reduction's scratch (unused per warp).
+  template <typename T>
+  __device__ __forceinline__ void sum2(T& a, T& b, T* shared) const {
+    if constexpr (kWarpPerRow) {
+      a = gpu::warp_sum(a);
+      b = gpu::warp_sum(b);
+    } else {
+      block_sum2<kMaxRowThreads>(a, b, shared);
+    }
+  }
+  template <typename T>
+  __device__ __forceinline__ void sum(T& a, T* shared) const {
+    if constexpr (kWarpPerRow) {
+      a = gpu::warp_sum(a);
+    } else {
+      T unused = 0;
+      block_sum2<kMaxRowThreads>(a, unused, shared);
+    }
+  }
+};
+
+// Scratch of block_sum2<kMaxRowThreads>.
+constexpr int kRowShared = 2 * (kMaxRowThreads / 32);
+
+// Byte address of element `off` of a tensor, 0 for an absent one.
+template <typename T>
+__device__ __forceinline__ uintptr_t address_of(const T* base, int64_t off) {
+  return base != nullptr ? reinterpret_cast<uintptr_t>(base + off) : uintptr_t{0};
 }
 
-// One block per row (grid-striding when there are more rows than blocks).
+// The split of one row (row_split.h) for the tensors a kernel walks together
+// at flat offset `off`: a vector body when they share their misalignment,
+// else all scalar.
+template <typename scalar_t, int N>
+__device__ __forceinline__ RowSplit row_split_of(const scalar_t* const (&ptrs)[N], int64_t off, int64_t cols) {
+  uintptr_t addrs[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) addrs[k] = address_of(ptrs[k], off);
+  return split_row_at<16 / sizeof(scalar_t), sizeof(scalar_t)>(addrs, cols);
+}
+
+// One team per row (grid-striding when there are more rows than teams).
 // Pass 1 forms the row, stores residual_out when fused, and sums the row
 // (LayerNorm) or its squares (RMSNorm); LayerNorm's pass 2 sums squared
 // deviations; the last pass writes the output. Later passes re-read the row,
-// mostly from L2. VEC is the vector width when every base pointer is 16-byte
-// aligned, else 1.
-template <typename scalar_t, typename param_t, int VEC, bool kCenter>
+// mostly from L1/L2.
+template <typename scalar_t, typename param_t, bool kCenter, bool kWarpPerRow>
 __global__ void __launch_bounds__(kMaxRowThreads)
     norm_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
                         const param_t* __restrict__ w, const param_t* __restrict__ b, scalar_t* __restrict__ y,
@@ -111,11 +174,15 @@ __global__ void __launch_bounds__(kMaxRowThreads)
                         typename AccType<scalar_t>::type* __restrict__ rstd_out, int64_t rows, int64_t cols,
                         typename AccType<scalar_t>::type eps) {
   using acc_t = typename AccType<scalar_t>::type;
-  __shared__ acc_t shared[64];
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  __shared__ acc_t shared[kRowShared];
+  const RowTeam<kWarpPerRow> team;
+  for (int64_t row = team.first; row < rows; row += team.step) {
     const int64_t off = row * cols;
-    acc_t stat = 0, unused = 0;
-    for_row<VEC>(off, cols, [&](auto width, int64_t i) {
+    const scalar_t* const walked[4] = {x, res, y, res_out};
+    const RowSplit split = row_split_of(walked, off, cols);
+    acc_t stat = 0;
+    for_row<VEC>(split, cols, team.rank, team.size, [&](auto width, int64_t i) {
       constexpr int W = decltype(width)::value;
       scalar_t v[W];
       load_row<W>(x, res, off + i, v);
@@ -126,14 +193,13 @@ __global__ void __launch_bounds__(kMaxRowThreads)
         stat += kCenter ? a : a * a;
       }
     });
-    block_sum2(stat, unused, shared);
+    team.sum(stat, shared);
     acc_t mean = 0;
     acc_t sum_sq = stat;
     if constexpr (kCenter) {
       mean = cols > 0 ? stat / static_cast<acc_t>(cols) : acc_t(0);
       sum_sq = 0;
-      unused = 0;
-      for_row<VEC>(off, cols, [&](auto width, int64_t i) {
+      for_row<VEC>(split, cols, team.rank, team.size, [&](auto width, int64_t i) {
         constexpr int W = decltype(width)::value;
         scalar_t v[W];
         load_row<W>(x, res, off + i, v);
@@ -143,15 +209,15 @@ __global__ void __launch_bounds__(kMaxRowThreads)
           sum_sq += d * d;
         }
       });
-      block_sum2(sum_sq, unused, shared);
+      team.sum(sum_sq, shared);
     }
     const acc_t rstd = nm::row_rstd(sum_sq, cols, eps);
-    if (threadIdx.x == 0) {
+    if (team.rank == 0) {
       if (mean_out != nullptr) mean_out[row] = mean;
       rstd_out[row] = rstd;
     }
 
-    for_row<VEC>(off, cols, [&](auto width, int64_t i) {
+    for_row<VEC>(split, cols, team.rank, team.size, [&](auto width, int64_t i) {
       constexpr int W = decltype(width)::value;
       scalar_t v[W];
       load_row<W>(x, res, off + i, v);
@@ -165,8 +231,8 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   }
 }
 
-// Input gradient, one block per row (grid-striding).
-template <typename scalar_t, typename param_t, int VEC>
+// Input gradient, one team per row (grid-striding). cols > 0.
+template <typename scalar_t, typename param_t, bool kWarpPerRow>
 __global__ void __launch_bounds__(kMaxRowThreads)
     norm_backward_input_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ dres,
                                const scalar_t* __restrict__ x,
@@ -174,15 +240,19 @@ __global__ void __launch_bounds__(kMaxRowThreads)
                                const typename AccType<scalar_t>::type* __restrict__ rstd_in,
                                const param_t* __restrict__ w, scalar_t* __restrict__ dx, int64_t rows, int64_t cols) {
   using acc_t = typename AccType<scalar_t>::type;
-  __shared__ acc_t shared[64];
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  __shared__ acc_t shared[kRowShared];
+  const RowTeam<kWarpPerRow> team;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(cols);
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+  for (int64_t row = team.first; row < rows; row += team.step) {
     const int64_t off = row * cols;
+    const scalar_t* const walked[4] = {dy, dres, x, dx};
+    const RowSplit split = row_split_of(walked, off, cols);
     const acc_t mean = mean_in != nullptr ? mean_in[row] : acc_t(0);
     const acc_t rstd = rstd_in[row];
 
     acc_t sum_gw = 0, sum_gw_xhat = 0;
-    for_row<VEC>(off, cols, [&](auto width, int64_t i) {
+    for_row<VEC>(split, cols, team.rank, team.size, [&](auto width, int64_t i) {
       constexpr int W = decltype(width)::value;
       scalar_t xv[W], gv[W];
       load_vec<W>(x + off + i, xv);
@@ -194,11 +264,11 @@ __global__ void __launch_bounds__(kMaxRowThreads)
         sum_gw_xhat += gw * nm::normalize(static_cast<acc_t>(xv[k]), mean, rstd);
       }
     });
-    block_sum2(sum_gw, sum_gw_xhat, shared);
+    team.sum2(sum_gw, sum_gw_xhat, shared);
     const acc_t mean_gw = mean_in != nullptr ? sum_gw * inv_n : acc_t(0);
     const acc_t mean_gw_xhat = sum_gw_xhat * inv_n;
 
-    for_row<VEC>(off, cols, [&](auto width, int64_t i) {
+    for_row<VEC>(split, cols, team.rank, team.size, [&](auto width, int64_t i) {
       constexpr int W = decltype(width)::value;
       scalar_t xv[W], gv[W], pass[W];
       load_vec<W>(x + off + i, xv);
@@ -217,18 +287,17 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   }
 }
 
-constexpr int kTileCols = 32;
-constexpr int kTileRows = 8;
-
 // Stage 1 of the weight/bias gradients: block (tile of 32 columns, group of
 // rows) writes partial sums of dy * xhat and dy to partial_{w,b}[group, col].
+// Launched with blockDim (kTileCols, kTileRows).
 template <typename scalar_t>
-__global__ void norm_param_grad_partial_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                               const typename AccType<scalar_t>::type* __restrict__ mean_in,
-                                               const typename AccType<scalar_t>::type* __restrict__ rstd_in,
-                                               typename AccType<scalar_t>::type* __restrict__ partial_w,
-                                               typename AccType<scalar_t>::type* __restrict__ partial_b,
-                                               int64_t rows, int64_t cols, int64_t rows_per_group) {
+__global__ void __launch_bounds__(kTileCols * kTileRows)
+    norm_param_grad_partial_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                   const typename AccType<scalar_t>::type* __restrict__ mean_in,
+                                   const typename AccType<scalar_t>::type* __restrict__ rstd_in,
+                                   typename AccType<scalar_t>::type* __restrict__ partial_w,
+                                   typename AccType<scalar_t>::type* __restrict__ partial_b, int64_t rows,
+                                   int64_t cols, int64_t rows_per_group) {
   using acc_t = typename AccType<scalar_t>::type;
   __shared__ acc_t sw[kTileRows][kTileCols + 1];
   __shared__ acc_t sb[kTileRows][kTileCols + 1];
@@ -257,39 +326,81 @@ __global__ void norm_param_grad_partial_kernel(const scalar_t* __restrict__ dy, 
   }
 }
 
-// Stage 2: out[col] = sum over groups of partial[group, col].
+// Stage 2, weight and bias in one launch: out_{w,b}[col] = sum over groups of
+// partial_{w,b}[group, col] (a null partial has a null out). Block = tile of
+// kTileCols columns; its kTileRows thread rows take every kTileRows-th group,
+// then combine through shared memory. Launched with blockDim (kTileCols, kTileRows).
 template <typename acc_t>
-__global__ void sum_groups_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ out, int64_t groups,
-                                  int64_t cols) {
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
-  acc_t s = 0;
-  for (int64_t g = 0; g < groups; ++g) s += partial[g * cols + col];
-  out[col] = s;
-}
-
-// 16-byte vectors when every base pointer is 16-byte aligned (rows then
-// split into a scalar head, vector body and scalar tail); else scalar.
-template <typename scalar_t>
-int vector_width(std::initializer_list<const void*> ptrs) {
-  for (const void* p : ptrs) {
-    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+__global__ void __launch_bounds__(kTileCols * kTileRows)
+    sum_groups_kernel(const acc_t* __restrict__ partial_w, const acc_t* __restrict__ partial_b,
+                      acc_t* __restrict__ out_w, acc_t* __restrict__ out_b, int64_t groups, int64_t cols) {
+  __shared__ acc_t sw[kTileRows][kTileCols + 1];
+  __shared__ acc_t sb[kTileRows][kTileCols + 1];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kTileCols + threadIdx.x;
+  acc_t aw = 0, ab = 0;
+  if (col < cols) {
+    for (int64_t g = threadIdx.y; g < groups; g += kTileRows) {
+      if (partial_w != nullptr) aw += partial_w[g * cols + col];
+      if (partial_b != nullptr) ab += partial_b[g * cols + col];
+    }
   }
-  return 16 / sizeof(scalar_t);
+  sw[threadIdx.y][threadIdx.x] = aw;
+  sb[threadIdx.y][threadIdx.x] = ab;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    for (int k = 1; k < kTileRows; ++k) {
+      aw += sw[k][threadIdx.x];
+      ab += sb[k][threadIdx.x];
+    }
+    if (out_w != nullptr) out_w[col] = aw;
+    if (out_b != nullptr) out_b[col] = ab;
+  }
 }
 
-// Threads per row-block: enough to cover the row once with vectors, in whole
-// warps, at least one warp and at most kMaxRowThreads (longer rows loop).
-int row_threads(int64_t cols, int vec) {
-  const int64_t vectors = (cols + vec - 1) / vec;
-  const int64_t warps = (vectors + 31) / 32;
-  const int64_t capped = std::max<int64_t>(1, std::min<int64_t>(warps, kMaxRowThreads / 32));
-  return static_cast<int>(capped * 32);
+// Whether the row kernels can vectorize: every base pointer walked together
+// shares its misalignment modulo 16 bytes (then so does every row's start, as
+// all tensors advance by the same row stride). Decides only the block size of
+// block-per-row launches; the kernels split each row themselves.
+template <typename scalar_t, int N>
+bool can_vectorize(const scalar_t* const (&ptrs)[N]) {
+  uintptr_t addrs[N];
+  for (int k = 0; k < N; ++k) addrs[k] = reinterpret_cast<uintptr_t>(ptrs[k]);
+  return common_misalignment<16 / sizeof(scalar_t), sizeof(scalar_t)>(addrs) >= 0;
 }
 
-// Blocks for the row kernels: one per row, up to a cap; the kernels stride
-// over the rest.
-unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(std::min<int64_t>(rows, int64_t{1} << 20)); }
+// The current device's SM count, queried once per device. (ATen's cached
+// getDeviceProperties lives in ATen/cuda/CUDAContext.h, which needs the
+// cuSPARSE/cuBLAS headers that a CUDA toolkit without them lacks.)
+int64_t sm_count() {
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};  // 0: not queried yet
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "torch_wsl: CUDA device index ", int{device},
+              " out of range");
+  std::atomic<int>& slot = cache[static_cast<size_t>(device)];
+  int sms = slot.load(std::memory_order_relaxed);
+  if (sms == 0) {  // two threads may both query; they store the same value
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    sms = std::max(sms, 1);
+    slot.store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+
+// Geometry of a row-kernel launch (norm_launch.h), checked against what the
+// kernels' reductions assume: warp shuffles with a full mask and
+// block_sum2<kMaxRowThreads>'s one slot per warp need whole warps, at most
+// kMaxRowThreads.
+template <typename scalar_t, int N>
+norm_launch::RowGeometry row_launch(int64_t rows, int64_t cols, const scalar_t* const (&walked)[N]) {
+  const int vec = can_vectorize(walked) ? static_cast<int>(16 / sizeof(scalar_t)) : 1;
+  const norm_launch::RowGeometry g = norm_launch::row_geometry(rows, cols, vec);
+  TORCH_CHECK(g.threads % 32 == 0 && g.threads >= 32 && g.threads <= kMaxRowThreads,
+              "torch_wsl: internal error: norm row kernel block of ", g.threads,
+              " threads is not a whole number of warps up to ", kMaxRowThreads);
+  TORCH_CHECK(g.blocks > 0 && g.blocks <= norm_launch::kMaxRowBlocks,
+              "torch_wsl: internal error: norm row kernel grid of ", g.blocks, " blocks for ", rows, " rows");
+  return g;
+}
 
 template <typename T>
 const T* ptr_or_null(const Tensor& t) {
@@ -323,27 +434,23 @@ struct CudaNormBackend {
         scalar_t* res_out = p.residual_out.defined() ? p.residual_out.mutable_data_ptr<scalar_t>() : nullptr;
         acc_t* mean = p.mean.defined() ? p.mean.mutable_data_ptr<acc_t>() : nullptr;
         acc_t* rstd = p.rstd.mutable_data_ptr<acc_t>();
-        const int vec = vector_width<scalar_t>({x, res, y, res_out});
-        const int threads = row_threads(p.cols, vec);
-        const unsigned grid = row_blocks(p.rows);
+        const scalar_t* const walked[4] = {x, res, y, res_out};
+        const norm_launch::RowGeometry l = row_launch(p.rows, p.cols, walked);
         const param_t* w = ptr_or_null<param_t>(p.weight);
         const param_t* b = ptr_or_null<param_t>(p.bias);
         const auto eps = static_cast<acc_t>(p.eps);
-        constexpr int kVec = 16 / sizeof(scalar_t);
-        auto go = [&](auto vec_tag, auto center_tag) {
-          constexpr int V = decltype(vec_tag)::value;
+        auto go = [&](auto center_tag, auto warp_tag) {
           constexpr bool C = decltype(center_tag)::value;
-          norm_forward_kernel<scalar_t, param_t, V, C>
-              <<<grid, threads, 0, stream>>>(x, res, w, b, y, res_out, mean, rstd, p.rows, p.cols, eps);
+          constexpr bool kWarp = decltype(warp_tag)::value;
+          norm_forward_kernel<scalar_t, param_t, C, kWarp>
+              <<<static_cast<unsigned>(l.blocks), l.threads, 0, stream>>>(x, res, w, b, y, res_out, mean, rstd, p.rows, p.cols, eps);
         };
-        using Vec = std::integral_constant<int, kVec>;
-        using One = std::integral_constant<int, 1>;
-        using Center = std::true_type;
-        using NoCenter = std::false_type;
-        if (vec == kVec) {
-          p.center ? go(Vec{}, Center{}) : go(Vec{}, NoCenter{});
+        using Yes = std::true_type;
+        using No = std::false_type;
+        if (l.warp_per_row) {
+          p.center ? go(Yes{}, Yes{}) : go(No{}, Yes{});
         } else {
-          p.center ? go(One{}, Center{}) : go(One{}, NoCenter{});
+          p.center ? go(Yes{}, No{}) : go(No{}, No{});
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
@@ -377,16 +484,14 @@ struct CudaNormBackend {
       auto launch_input = [&](auto param_tag) {
         using param_t = decltype(param_tag);
         const param_t* w = ptr_or_null<param_t>(p.weight);
-        const int vec = vector_width<scalar_t>({dy, dres, x, dx});
-        const int threads = row_threads(p.cols, vec);
-        const unsigned grid = row_blocks(p.rows);
-        constexpr int kVec = 16 / sizeof(scalar_t);
-        if (vec == kVec) {
-          norm_backward_input_kernel<scalar_t, param_t, kVec>
-              <<<grid, threads, 0, stream>>>(dy, dres, x, mean, rstd, w, dx, p.rows, p.cols);
+        const scalar_t* const walked[4] = {dy, dres, x, dx};
+        const norm_launch::RowGeometry l = row_launch(p.rows, p.cols, walked);
+        if (l.warp_per_row) {
+          norm_backward_input_kernel<scalar_t, param_t, true>
+              <<<static_cast<unsigned>(l.blocks), l.threads, 0, stream>>>(dy, dres, x, mean, rstd, w, dx, p.rows, p.cols);
         } else {
-          norm_backward_input_kernel<scalar_t, param_t, 1>
-              <<<grid, threads, 0, stream>>>(dy, dres, x, mean, rstd, w, dx, p.rows, p.cols);
+          norm_backward_input_kernel<scalar_t, param_t, false>
+              <<<static_cast<unsigned>(l.blocks), l.threads, 0, stream>>>(dy, dres, x, mean, rstd, w, dx, p.rows, p.cols);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
@@ -398,33 +503,28 @@ struct CudaNormBackend {
 
       if (!want_params) return;
       const int64_t col_tiles = (p.cols + kTileCols - 1) / kTileCols;
-      const int64_t groups = std::min<int64_t>((p.rows + 63) / 64, 64);
-      const int64_t rows_per_group = (p.rows + groups - 1) / groups;
+      TORCH_CHECK(col_tiles <= std::numeric_limits<int32_t>::max(), "torch_wsl.norm_backward_cuda: ", p.cols,
+                  " columns are too many for the weight-gradient grid");
+      const norm_launch::RowGroups rg = norm_launch::param_grad_groups(p.rows, col_tiles, sm_count());
       acc_t* gw = p.grad_weight.defined() ? p.grad_weight.mutable_data_ptr<acc_t>() : nullptr;
       acc_t* gb = p.grad_bias.defined() ? p.grad_bias.mutable_data_ptr<acc_t>() : nullptr;
       Tensor partial;
       acc_t* pw = gw;
       acc_t* pb = gb;
-      if (groups > 1) {
-        partial = at::empty({2, groups, p.cols}, p.rstd.options());
+      if (rg.groups > 1) {
+        partial = at::empty({2, rg.groups, p.cols}, p.rstd.options());
         pw = gw != nullptr ? partial[0].mutable_data_ptr<acc_t>() : nullptr;
         pb = gb != nullptr ? partial[1].mutable_data_ptr<acc_t>() : nullptr;
       }
-      const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(groups));
       const dim3 block(kTileCols, kTileRows);
       norm_param_grad_partial_kernel<scalar_t>
-          <<<grid, block, 0, stream>>>(dy, x, mean, rstd, pw, pb, p.rows, p.cols, rows_per_group);
+          <<<dim3(static_cast<unsigned>(col_tiles), static_cast<unsigned>(rg.groups)), block, 0, stream>>>(
+              dy, x, mean, rstd, pw, pb, p.rows, p.cols, rg.rows_per_group);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (groups > 1) {
-        const auto blocks = static_cast<unsigned>((p.cols + 255) / 256);
-        if (gw != nullptr) {
-          sum_groups_kernel<acc_t><<<blocks, 256, 0, stream>>>(pw, gw, groups, p.cols);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        if (gb != nullptr) {
-          sum_groups_kernel<acc_t><<<blocks, 256, 0, stream>>>(pb, gb, groups, p.cols);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+      if (rg.groups > 1) {
+        sum_groups_kernel<acc_t>
+            <<<static_cast<unsigned>(col_tiles), block, 0, stream>>>(pw, pb, gw, gb, rg.groups, p.cols);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   }

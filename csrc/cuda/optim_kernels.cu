@@ -114,59 +114,140 @@ struct AdamHyper {
   bool maximize, decoupled;
 };
 
+// The tensors of one Adam(W) chunk.
+template <typename scalar_t>
+struct AdamPtrs {
+  scalar_t* p;
+  scalar_t* g;
+  scalar_t* m;
+  scalar_t* v;
+  scalar_t* vmax;  // null unless amsgrad
+};
+
+// N elements of each tensor as stored: loads can be issued early and held in
+// as few registers as the storage needs (half the acc_t registers for
+// half/bfloat16), widened only when they are used.
+template <typename scalar_t, int N>
+struct AdamRaw {
+  Pack<scalar_t, N> p, g, m, v, vmax;
+};
+
+template <int N, bool kAmsgrad, typename scalar_t>
+__device__ __forceinline__ void adam_load(AdamRaw<scalar_t, N>& r, const AdamPtrs<scalar_t>& t, int64_t i) {
+  r.p = *reinterpret_cast<const Pack<scalar_t, N>*>(t.p + i);
+  r.g = *reinterpret_cast<const Pack<scalar_t, N>*>(t.g + i);
+  r.m = *reinterpret_cast<const Pack<scalar_t, N>*>(t.m + i);
+  r.v = *reinterpret_cast<const Pack<scalar_t, N>*>(t.v + i);
+  if constexpr (kAmsgrad) r.vmax = *reinterpret_cast<const Pack<scalar_t, N>*>(t.vmax + i);
+}
+
+template <typename scalar_t, int N>
+__device__ __forceinline__ void widen(const Pack<scalar_t, N>& in, typename AccType<scalar_t>::type (&out)[N]) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = static_cast<typename AccType<scalar_t>::type>(in.v[k]);
+}
+
+// Unscales (and writes back) the gradients when asked, updates, stores.
+template <int N, bool kAmsgrad, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void adam_apply(const AdamRaw<scalar_t, N>& r, const AdamPtrs<scalar_t>& t, int64_t i,
+                                           const om::AdamCoeffs<acc_t>& c, bool unscale, acc_t grad_scale) {
+  acc_t pv[N], gv[N], mv[N], vv[N], xv[N] = {};
+  widen(r.p, pv);
+  widen(r.g, gv);
+  widen(r.m, mv);
+  widen(r.v, vv);
+  if constexpr (kAmsgrad) widen(r.vmax, xv);
+  if (unscale) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) gv[k] = gv[k] / grad_scale;
+    store<N>(t.g + i, gv);
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) om::adam_update(pv[k], gv[k], mv[k], vv[k], xv[k], c);
+  store<N>(t.p + i, pv);
+  store<N>(t.m + i, mv);
+  store<N>(t.v + i, vv);
+  if constexpr (kAmsgrad) store<N>(t.vmax + i, xv);
+}
+
 // Lists: params, grads, exp_avgs, exp_avg_sqs, [max_exp_avg_sqs,] state_steps.
+//
+// The bias corrections are double-precision pow/div/sqrt, slow on the GPUs
+// with little FP64 that WSL2 users mostly have, and they need the step count,
+// which lives in device memory (reading it on the host would synchronize, and
+// a pre-pass kernel would cost a launch). So each block computes them once,
+// without serializing: every thread first issues the loads of its first
+// vector group; then warp 0 computes the two powers at once, lane 0 with
+// beta1 (step_size) and lane 1 with beta2 (sqrt of the second correction),
+// through optim_math's own adam_step_scalars, so the values are bit-identical
+// to it; lane 0 publishes the coefficients in shared memory. The other warps
+// wait at the barrier with their loads in flight, so the power's latency
+// overlaps memory latency instead of adding to it. (Per warp instead of per
+// block would remove the barrier but multiply the FP64 work by the warps per
+// block, which costs more on those GPUs than the barrier.)
+//
+// The early return below is taken by the whole block or none of it, so the
+// barrier is safe. The step count is incremented after this kernel
+// (advance_steps_kernel).
 template <typename scalar_t, int kLists>
 __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ TensorBatch<kLists> batch,
                                                         const AdamHyper h) {
   using acc_t = typename AccType<scalar_t>::type;
   constexpr bool kAmsgrad = kLists == 6;
+  constexpr int VEC = vec_of<scalar_t>();
+  static_assert(kThreads % 32 == 0, "warp 0 computes the coefficients; the block must be whole warps");
   if (skip_step(h.found_inf)) return;
   const BlockChunk ch = block_chunk(batch);
-  auto* p = static_cast<scalar_t*>(batch.ptr[0][ch.t]);
-  auto* g = static_cast<scalar_t*>(batch.ptr[1][ch.t]);
-  auto* m = static_cast<scalar_t*>(batch.ptr[2][ch.t]);
-  auto* v = static_cast<scalar_t*>(batch.ptr[3][ch.t]);
-  auto* vmax = kAmsgrad ? static_cast<scalar_t*>(batch.ptr[4][ch.t]) : nullptr;
+  AdamPtrs<scalar_t> t;
+  t.p = static_cast<scalar_t*>(batch.ptr[0][ch.t]);
+  t.g = static_cast<scalar_t*>(batch.ptr[1][ch.t]);
+  t.m = static_cast<scalar_t*>(batch.ptr[2][ch.t]);
+  t.v = static_cast<scalar_t*>(batch.ptr[3][ch.t]);
+  t.vmax = kAmsgrad ? static_cast<scalar_t*>(batch.ptr[4][ch.t]) : nullptr;
   const auto* step = static_cast<const float*>(batch.ptr[kLists - 1][ch.t]);
 
-  // The bias corrections are double-precision pow/div/sqrt (slow on GPUs with
-  // little FP64): one thread computes the block's coefficients once. The early
-  // return above is taken by the whole block or none of it, so the barrier is
-  // safe. The step count is incremented after this kernel (advance_steps_kernel).
-  __shared__ om::AdamCoeffs<acc_t> shared_coeffs;
-  if (threadIdx.x == 0) {
-    const double lr = h.lr_ptr != nullptr ? static_cast<double>(*h.lr_ptr) : h.lr;
-    const om::AdamStepScalars s = om::adam_step_scalars(lr, h.beta1, h.beta2, static_cast<double>(*step) + 1.0);
-    shared_coeffs =
-        om::adam_coeffs<acc_t>(lr, h.beta1, h.beta2, h.weight_decay, h.eps, kAmsgrad, h.maximize, h.decoupled, s);
-  }
-  __syncthreads();
-  const om::AdamCoeffs<acc_t> c = shared_coeffs;
+  // Groups of VEC elements with 16-byte accesses over [begin, full) when the
+  // pointers are 16-byte aligned (chunk starts are multiples of VEC), then
+  // single elements over [full, end).
+  const bool vector =
+      aligned16(t.p) && aligned16(t.g) && aligned16(t.m) && aligned16(t.v) && (!kAmsgrad || aligned16(t.vmax));
+  const int64_t full = vector ? ch.begin + (ch.end - ch.begin) / VEC * VEC : ch.begin;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * VEC;
+  const int64_t first = ch.begin + static_cast<int64_t>(threadIdx.x) * VEC;
+  const bool have_first = first < full;
+  AdamRaw<scalar_t, VEC> first_raw;
+  if (have_first) adam_load<VEC, kAmsgrad>(first_raw, t, first);
   const bool unscale = h.grad_scale != nullptr;
   const acc_t grad_scale = unscale ? static_cast<acc_t>(*h.grad_scale) : acc_t(1);
 
-  constexpr int VEC = vec_of<scalar_t>();
-  const bool vector = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v) && (!kAmsgrad || aligned16(vmax));
-  for_chunk<VEC>(ch.begin, ch.end, vector, [&](int64_t i, auto width) {
-    constexpr int N = decltype(width)::value;
-    acc_t pv[N], gv[N], mv[N], vv[N], xv[N] = {};
-    load<N>(p + i, pv);
-    load<N>(g + i, gv);
-    load<N>(m + i, mv);
-    load<N>(v + i, vv);
-    if constexpr (kAmsgrad) load<N>(vmax + i, xv);
-    if (unscale) {
-#pragma unroll
-      for (int k = 0; k < N; ++k) gv[k] = gv[k] / grad_scale;
-      store<N>(g + i, gv);
+  __shared__ om::AdamCoeffs<acc_t> shared_coeffs;
+  if (threadIdx.x < 32) {
+    const int lane = static_cast<int>(threadIdx.x);
+    const double lr = h.lr_ptr != nullptr ? static_cast<double>(*h.lr_ptr) : h.lr;
+    const double beta = lane == 1 ? h.beta2 : h.beta1;
+    // One pow per lane: adam_step_scalars's two powers have equal arguments here and fold into one.
+    const om::AdamStepScalars mine = om::adam_step_scalars(lr, beta, beta, static_cast<double>(*step) + 1.0);
+    const double bias_correction2_sqrt = __shfl_sync(0xffffffffu, mine.bias_correction2_sqrt, 1);
+    if (lane == 0) {
+      const om::AdamStepScalars s{mine.step_size, bias_correction2_sqrt};
+      shared_coeffs =
+          om::adam_coeffs<acc_t>(lr, h.beta1, h.beta2, h.weight_decay, h.eps, kAmsgrad, h.maximize, h.decoupled, s);
     }
-#pragma unroll
-    for (int k = 0; k < N; ++k) om::adam_update(pv[k], gv[k], mv[k], vv[k], xv[k], c);
-    store<N>(p + i, pv);
-    store<N>(m + i, mv);
-    store<N>(v + i, vv);
-    if constexpr (kAmsgrad) store<N>(vmax + i, xv);
-  });
+  }
+  __syncthreads();
+  const om::AdamCoeffs<acc_t> c = shared_coeffs;
+
+  if (have_first) adam_apply<VEC, kAmsgrad>(first_raw, t, first, c, unscale, grad_scale);
+  for (int64_t i = first + stride; i < full; i += stride) {
+    AdamRaw<scalar_t, VEC> r;
+    adam_load<VEC, kAmsgrad>(r, t, i);
+    adam_apply<VEC, kAmsgrad>(r, t, i, c, unscale, grad_scale);
+  }
+  for (int64_t i = full + threadIdx.x; i < ch.end; i += blockDim.x) {
+    AdamRaw<scalar_t, 1> r;
+    adam_load<1, kAmsgrad>(r, t, i);
+    adam_apply<1, kAmsgrad>(r, t, i, c, unscale, grad_scale);
+  }
 }
 
 // Step counts advance after the update kernels have read them.
@@ -236,12 +317,18 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ T
 // --------------------------------------------------------------------- norms
 
 // Reduces v over the block with optim_math's norm_combine; every thread gets
-// the result. `shared` holds 32 values.
-template <typename T>
+// the result. Every thread of the block must call it. The block must be whole
+// warps (the full-mask shuffles are undefined on a partial warp) and at most
+// kBlockThreads, checked here at compile time; the kernels below are launched
+// with exactly kThreads threads, a compile-time constant, so no host check is
+// needed. `shared` holds kBlockThreads / 32 values.
+template <int kBlockThreads, typename T>
 __device__ __forceinline__ T block_combine(T v, om::NormOrder ord, T* shared) {
+  static_assert(kBlockThreads % 32 == 0 && kBlockThreads >= 32 && kBlockThreads <= 1024,
+                "block_combine: the block must be whole warps, at most 1024 threads");
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int warps = (blockDim.x + 31) >> 5;
+  const int warps = static_cast<int>(blockDim.x >> 5);
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v = om::norm_combine(v, __shfl_xor_sync(0xffffffffu, v, offset), ord);
   __syncthreads();
@@ -259,7 +346,7 @@ __global__ void __launch_bounds__(kThreads) norm_partial_kernel(const __grid_con
                                                                 double* __restrict__ partials, int64_t first_block,
                                                                 int norm_order) {
   using acc_t = typename AccType<scalar_t>::type;
-  __shared__ acc_t shared[32];
+  __shared__ acc_t shared[kThreads / 32];
   const auto ord = static_cast<om::NormOrder>(norm_order);
   const BlockChunk ch = block_chunk(batch);
   const auto* x = static_cast<const scalar_t*>(batch.ptr[0][ch.t]);
@@ -272,7 +359,7 @@ __global__ void __launch_bounds__(kThreads) norm_partial_kernel(const __grid_con
 #pragma unroll
     for (int k = 0; k < N; ++k) acc = om::norm_combine(acc, om::norm_term(xv[k], ord), ord);
   });
-  acc = block_combine(acc, ord, shared);
+  acc = block_combine<kThreads>(acc, ord, shared);
   if (threadIdx.x == 0) partials[first_block + blockIdx.x] = static_cast<double>(acc);
 }
 
@@ -280,11 +367,11 @@ __global__ void __launch_bounds__(kThreads) norm_partial_kernel(const __grid_con
 template <typename out_t>
 __global__ void __launch_bounds__(kThreads) norm_finish_kernel(const double* __restrict__ partials, int64_t count,
                                                                out_t* __restrict__ out, int norm_order) {
-  __shared__ double shared[32];
+  __shared__ double shared[kThreads / 32];
   const auto ord = static_cast<om::NormOrder>(norm_order);
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x) acc = om::norm_combine(acc, partials[i], ord);
-  acc = block_combine(acc, ord, shared);
+  acc = block_combine<kThreads>(acc, ord, shared);
   if (threadIdx.x == 0) *out = static_cast<out_t>(om::norm_finish(acc, ord));
 }
 
