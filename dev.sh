@@ -4,6 +4,9 @@
 #   ./dev.sh test                   set everything up, run all tests (pytest + ctest, and the
 #                                   allocator core under ASan+UBSan and its stress test under TSan); what CI runs
 #   ./dev.sh setup                  set everything up only
+#   ./dev.sh test-torch VERSION     pytest against another torch (e.g. 2.13.0; CI runs it): its own venv in
+#                                   .venv-torchVERSION, the extension built CPU-only in a copy of the tree
+#                                   (build-torchVERSION/); .venv and the in-place build are not touched
 #   ./dev.sh gpu-check [OUT_DIR]    on a machine with an NVIDIA GPU: build in place for its architecture, run the
 #                                   CUDA tests, some under compute-sanitizer, and the benchmarks (< 8 min); summary in
 #                                   OUT_DIR (gpu-check-results/). No venv, no network: PYTHON (python3) must have torch.
@@ -88,6 +91,58 @@ sanitized_core_tests() {
   TSAN_OPTIONS="halt_on_error=1" "${norand[@]}" build-tsan/torch_wsl_alloc_tests --gtest_filter='AllocStress.*'
 }
 
+# Another torch release, without touching .venv or the in-place build: its own
+# venv, and a fresh copy of the tree (tracked files and untracked ones git does
+# not ignore) where the extension is built CPU-only.
+test_other_torch() {
+  local version="${1:-}"
+  [[ "$version" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || { echo "usage: ./dev.sh test-torch VERSION [pytest args], e.g. 2.13.0" >&2; exit 2; }
+  shift
+  local start=$SECONDS venv="$ROOT/.venv-torch$version" tree="$ROOT/build-torch$version"
+  local py="$venv/bin/python"
+  if [ ! -x "$py" ]; then
+    log "creating $venv"
+    "${PYTHON:-python3}" -m venv "$venv"
+  fi
+  # requirements-dev.txt with that torch, and without torchvision: its wheels on
+  # PyPI are CUDA builds, which fail to load against a CPU-only torch (the one
+  # test that uses it skips without it).
+  sed -e "s/^torch==.*/torch==$version/" -e '/^torchvision\b/d' requirements-dev.txt >"$venv/requirements.txt"
+  if ! cmp -s "$venv/requirements.txt" "$venv/installed.txt"; then
+    log "installing torch==$version and the test tools into $venv"
+    "$venv/bin/pip" install -q -r "$venv/requirements.txt"
+    cp "$venv/requirements.txt" "$venv/installed.txt"
+  fi
+  "$py" -c "import sys, torch; v = torch.__version__.split('+')[0]; sys.exit(None if v == sys.argv[1] else f'{sys.argv[2]} has torch {v}, not {sys.argv[1]}')" "$version" "$venv"
+
+  log "copying the tree to $tree"
+  git rev-parse --is-inside-work-tree >/dev/null 2>&1 || { echo "test-torch copies the tree with git: run it in a git checkout" >&2; exit 2; }
+  rm -rf "$tree"
+  mkdir -p "$tree"
+  # Listed files that no longer exist (deleted, not yet committed) are left out.
+  git ls-files -z --cached --others --exclude-standard \
+    | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
+    | tar --null -T - -cf - | tar -xf - -C "$tree"
+
+  log "building torch_wsl._C CPU-only against torch $version (in $tree)"
+  cd "$tree"
+  # ccache, when installed, makes rebuilds near-instant. pip compiles in a new
+  # temporary directory each time, and Python's flags include -g, which puts
+  # the working directory into ccache's hash unless CCACHE_NOHASHDIR is set.
+  [ -d /usr/lib/ccache ] && export PATH="/usr/lib/ccache:$PATH" CCACHE_NOHASHDIR=1
+  export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  TORCH_WSL_CPU_ONLY=1 "$py" -m pip install -q --no-build-isolation -e .
+  "$py" -c "import sys, json, torch_wsl; b = torch_wsl.build_info(); print('built:', json.dumps(b), 'at', torch_wsl.__file__); sys.exit(None if b['torch_version'] == sys.argv[1] and torch_wsl.__file__.startswith(sys.argv[2]) else 'not the build asked for')" "$version" "$tree/"
+
+  log "pytest against torch $version"
+  local rc=0
+  "$py" -m pytest tests -q -rs "$@" || rc=$?
+  # Exit status 5 is "no tests collected": a failure here, as any other non-zero status.
+  [ "$rc" -eq 5 ] && echo "error: pytest collected no tests against torch $version" >&2
+  log "torch $version: pytest exit status $rc, $((SECONDS - start)) s in all"
+  return "$rc"
+}
+
 setup() {
   ensure_apt_packages "$@"
   ensure_venv
@@ -113,6 +168,9 @@ case "$cmd" in
     # The system Python that has torch, not .venv's: the GPU machine is offline (nothing to install).
     exec "${PYTHON:-python3}" tools/gpu_check.py "$@"
     ;;
+  test-torch)
+    test_other_torch "$@"
+    ;;
   bench)
     # The allocator suite compares against jemalloc and tcmalloc (LD_PRELOAD).
     setup libjemalloc2 libtcmalloc-minimal4
@@ -120,7 +178,7 @@ case "$cmd" in
     "$PY" -m benchmarks "$@"
     ;;
   *)
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"
     [ "$cmd" = help ] || exit 2
     ;;
 esac

@@ -6,6 +6,7 @@ Switches (environment variables):
   TORCH_CUDA_ARCH_LIST     GPU targets (default: the GPUs people run WSL2 on, see DEFAULT_CUDA_ARCHS)
   MAX_JOBS                 parallel compile jobs (read by torch's build)
   TORCH_WSL_DEBUG=1        -O0 -g
+  TORCH_WSL_ANY_TORCH=1    build against a torch outside SUPPORTED_TORCH (untested, at your own risk)
 
 CUDA is decided by whether the toolkit is present (CUDA_HOME / nvcc), never by
 whether a GPU is visible: a GPU-less machine (CI) still compiles every .cu file.
@@ -13,6 +14,7 @@ whether a GPU is visible: a GPU-less machine (CI) still compiles every .cu file.
 
 import glob
 import os
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -36,16 +38,41 @@ def _default_cuda_home() -> None:
 
 _default_cuda_home()
 
-import torch  # noqa: E402
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
-ROOT = Path(__file__).parent.resolve()
-# Turing to Blackwell consumer cards: what people run WSL2 on (sm_75 is the oldest nvcc 13 keeps).
-DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0;12.0"
+# The torch releases torch_wsl builds against: first and last minor release, inclusive
+# (README, "Supported PyTorch versions", says which are tested where).
+SUPPORTED_TORCH = ((2, 8), (2, 14))
+(_LO_MAJOR, _LO_MINOR), (_HI_MAJOR, _HI_MINOR) = SUPPORTED_TORCH
+TORCH_REQUIREMENT = f"torch>={_LO_MAJOR}.{_LO_MINOR},<{_HI_MAJOR}.{_HI_MINOR + 1}"
 
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _check_torch_version(version: str) -> bool:
+    """True for a supported torch; False for another one let through by TORCH_WSL_ANY_TORCH=1; else exits."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m and SUPPORTED_TORCH[0] <= (int(m[1]), int(m[2])) <= SUPPORTED_TORCH[1]:
+        return True
+    if _flag("TORCH_WSL_ANY_TORCH"):
+        print(f"warning: building torch_wsl against torch {version}, outside the supported range (TORCH_WSL_ANY_TORCH=1)")
+        return False
+    raise SystemExit(
+        f"error: torch_wsl supports torch {_LO_MAJOR}.{_LO_MINOR} to {_HI_MAJOR}.{_HI_MINOR}, but torch {version} "
+        f"is installed. Install a supported torch (pip install '{TORCH_REQUIREMENT}') and build again with "
+        "--no-build-isolation, or set TORCH_WSL_ANY_TORCH=1 to try this one anyway (untested)."
+    )
+
+
+import torch  # noqa: E402
+
+TORCH_SUPPORTED = _check_torch_version(torch.__version__)
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+ROOT = Path(__file__).parent.resolve()
+# Turing to Blackwell consumer cards: what people run WSL2 on (sm_75 is the oldest nvcc 13 keeps).
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0;12.0"
 
 
 def _want_cuda() -> bool:
@@ -109,5 +136,8 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
+    # Not for an unsupported torch let through: pip would swap it for a supported one,
+    # whose ABI the extension was not built against.
+    install_requires=[TORCH_REQUIREMENT] if TORCH_SUPPORTED else [],
     zip_safe=False,
 )

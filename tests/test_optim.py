@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 
 import pytest
@@ -45,13 +46,14 @@ class _GradSource:
         return noise
 
     @staticmethod
-    def assign(params, noise, targets, skip=()):
+    def assign(params, noise, targets, skip=(), via=None):
+        """Gradients in the parameters' dtype, rounded to `via` first when given."""
         for i, (p, n, t) in enumerate(zip(params, noise, targets)):
             if i in skip:
                 p.grad = None
                 continue
             g = 0.1 * (p.detach().double() - t.to(p.device).double()) + n.to(p.device).double()
-            p.grad = g.to(p.dtype)
+            p.grad = g.to(via or p.dtype).to(p.dtype)
 
 
 def _twin_runs(ours_cls, ref_cls, groups_fn, device, dtype, steps=STEPS, ref_kwargs=None, skip_fn=None, sched=None):
@@ -129,19 +131,63 @@ def _max_dev(params, ref64):
     return max((a.double() - b).abs().max().item() for a, b in zip(params, ref64) if a.numel())
 
 
+@functools.cache
+def _torch_fused_updates_every_element(ref_cls, device, dtype) -> bool:
+    """Whether the running torch's own fused=True step writes every element of a `dtype` tensor.
+
+    torch 2.13.0's CPU fused SGD for float16/bfloat16 does not: it stores only the scalar tail of
+    each tensor, and the elements in full SIMD vectors keep their old values (2.14.1's is correct).
+    Where it fails, the half-precision tests compare with the written-out reference alone."""
+    p = torch.ones(67, device=device, dtype=dtype, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    ref_cls([p], lr=0.5, fused=True).step()
+    return bool((p.detach() != 1).all())
+
+
+def _rounded_once_run(ref_cls, groups_fn, device, dtype, steps=STEPS):
+    """The float16/bfloat16 semantics of torch's fused=True (and of torch_wsl), written out:
+    torch.optim's arithmetic in float32, with parameters, gradients and optimizer state rounded to
+    `dtype` once per step. Returns the parameters after `steps` steps, in `dtype`."""
+    base = _params(device, dtype)
+    shadow = [p.float().requires_grad_() for p in base]
+    opt = ref_cls(groups_fn(shadow), foreach=False)
+    src = _GradSource(base)
+    for _ in range(steps):
+        _GradSource.assign(shadow, src.next(), src.targets, via=dtype)
+        opt.step()
+        with torch.no_grad():
+            for p in shadow:
+                p.copy_(p.to(dtype))
+                for key, t in opt.state[p].items():
+                    if key != "step" and torch.is_tensor(t):
+                        t.copy_(t.to(dtype))
+    return [p.detach().to(dtype) for p in shadow]
+
+
+def _rounded_once_refs(ref_cls, groups_fn, device, dtype, fused_p, steps=STEPS):
+    """The trajectories a float16/bfloat16 run must follow: the written-out reference, and torch's
+    fused=True run (`fused_p`) where the running torch's fused step is sound."""
+    refs = [_rounded_once_run(ref_cls, groups_fn, device, dtype, steps)]
+    if _torch_fused_updates_every_element(ref_cls, device, dtype):
+        refs.append(fused_p)
+    return refs
+
+
 def _half_checks(name, groups, device, dtype):
     """float16/bfloat16: torch.optim's foreach=False rounds to the dtype after every operation,
     torch_wsl (like torch's fused=True) once per step from float32 arithmetic. So: the same
-    trajectory as fused=True, and no further from the exact (float64) trajectory than foreach=False."""
+    trajectory as that arithmetic written out and as fused=True (where the running torch's is
+    sound), and no further from the exact (float64) trajectory than foreach=False."""
     ours_cls, ref_cls = getattr(torch_wsl.optim, name), getattr(torch.optim, name)
     ours, fused, ours_p, fused_p = _twin_runs(ours_cls, ref_cls, groups, device, dtype, ref_kwargs={"fused": True})
     _, single, _, single_p = _twin_runs(ours_cls, ref_cls, groups, device, dtype, ref_kwargs={"foreach": False})
     _, _, exact_p, _ = _twin_runs(ref_cls, ref_cls, groups, device, torch.float64, steps=STEPS,
                                   ref_kwargs={"foreach": False})
     eps = torch.finfo(dtype).eps
-    for a, b in zip(ours_p, fused_p):
-        assert a.dtype == dtype
-        torch.testing.assert_close(a, b, rtol=2 * eps, atol=2 * eps)
+    for ref_p in _rounded_once_refs(ref_cls, groups, device, dtype, fused_p):
+        for a, b in zip(ours_p, ref_p):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b, rtol=2 * eps, atol=2 * eps)
     for a in ours_p:
         for key, t in ours.state[a].items():
             assert t.dtype == (torch.float32 if key == "step" else dtype)
@@ -211,10 +257,12 @@ def test_every_cpu_isa(cpu_isa, name):
         (torch.float32, {"foreach": False}, TRAJ_TOL[torch.float32]),
         (torch.bfloat16, {"fused": True}, dict(rtol=2 * 2.0**-7, atol=2 * 2.0**-7)),  # see _half_checks
     ]:
-        run = _twin_runs(getattr(torch_wsl.optim, name), getattr(torch.optim, name), groups, "cpu", dtype, steps=30,
-                         ref_kwargs=ref_kwargs)
-        for a, b in zip(run[2], run[3]):
-            torch.testing.assert_close(a, b, **tol)
+        ref_cls = getattr(torch.optim, name)
+        run = _twin_runs(getattr(torch_wsl.optim, name), ref_cls, groups, "cpu", dtype, steps=30, ref_kwargs=ref_kwargs)
+        refs = [run[3]] if dtype == torch.float32 else _rounded_once_refs(ref_cls, groups, "cpu", dtype, run[3], 30)
+        for ref_p in refs:
+            for a, b in zip(run[2], ref_p):
+                torch.testing.assert_close(a, b, **tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
