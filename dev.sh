@@ -27,7 +27,7 @@ log() { printf '\n==> %s\n' "$*"; }
 # Packages every path needs, plus the ones named as arguments.
 ensure_apt_packages() {
   local missing=()
-  for pkg in libgtest-dev cmake "$@"; do
+  for pkg in libgtest-dev cmake ccache "$@"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   [ ${#missing[@]} -eq 0 ] && return
@@ -49,8 +49,10 @@ ensure_venv() {
 
 build_extension() {
   log "building torch_wsl._C (CUDA kernels if a CUDA toolkit is found; TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
-  # ccache, when installed, makes rebuilds near-instant.
-  [ -d /usr/lib/ccache ] && export PATH="/usr/lib/ccache:$PATH"
+  # ccache, when installed, makes rebuilds near-instant. pip compiles in a new
+  # temporary folder each time, and -g puts the working directory into
+  # ccache's hash unless CCACHE_NOHASHDIR is set.
+  [ -d /usr/lib/ccache ] && export PATH="/usr/lib/ccache:$PATH" CCACHE_NOHASHDIR=1
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
   "$PY" -m pip install -q --no-build-isolation -e . 
   "$PY" -c "import torch_wsl, json; print('built:', json.dumps(torch_wsl.build_info()))"
