@@ -7,6 +7,9 @@
 #   ./dev.sh test-torch VERSION     pytest against another torch (e.g. 2.13.0; CI runs it): its own venv in
 #                                   .venv-torchVERSION, the extension built CPU-only in a copy of the tree
 #                                   (build-torchVERSION/); .venv and the in-place build are not touched
+#   ./dev.sh compile-torch VERSION  compile every C++/CUDA source against another torch's headers (e.g. 2.11.0,
+#                                   the GPU machine's; 2.8.0, the oldest supported): the wheel is downloaded once
+#                                   into .cache/ (no install), the main build's compile commands are reused
 #   ./dev.sh gpu-check [OUT_DIR]    on a machine with an NVIDIA GPU: build in place for its architecture, run the
 #                                   CUDA tests, some under compute-sanitizer, and the benchmarks (< 8 min); summary in
 #                                   OUT_DIR (gpu-check-results/). No venv, no network: PYTHON (python3) must have torch.
@@ -152,6 +155,38 @@ setup() {
   build_cpp_tests
 }
 
+# The C++/CUDA sources against the headers of another torch release, with
+# the main build's own compile commands (setup.py writes them to a ninja
+# file): a GPU machine with an older torch must not find out first. Nothing
+# is installed or linked; the wheel (~0.5 GB) is downloaded once.
+compile_against_torch() {
+  local version="${1:?usage: ./dev.sh compile-torch VERSION}"
+  local cache="$ROOT/.cache/torch-$version"
+  if [ ! -d "$cache/torch/include" ]; then
+    log "downloading torch $version (headers only are kept)"
+    rm -rf "$cache" && mkdir -p "$cache/wheel"
+    "$PY" -m pip download -q --no-deps "torch==$version" -d "$cache/wheel"
+    "$PY" -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith('torch/include/')])" "$cache"/wheel/torch-*.whl "$cache"
+    rm -rf "$cache/wheel"
+  fi
+  local work="$ROOT/build-compile-torch$version"
+  rm -rf "$work"
+  [ -d /usr/lib/ccache ] && export PATH="/usr/lib/ccache:$PATH" CCACHE_NOHASHDIR=1
+  export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  log "compile commands of the main build (setup.py build_ext into $work; ccache makes it quick after ./dev.sh setup)"
+  "$PY" setup.py -q build_ext --build-temp "$work/main" --build-lib "$work/lib" >/dev/null
+  local mine
+  mine=$("$PY" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")
+  sed "s#$mine#$cache/torch/include#g; s#$work/main#$work/other#g" "$work/main/build.ninja" > "$work/other.ninja"
+  log "compiling every source against torch $version's headers"
+  ninja -f "$work/other.ninja" -j "$MAX_JOBS" -k 0 >"$work/log" 2>&1 || {
+    grep -E "error|FAILED" "$work/log" | head -40
+    echo "torch_wsl does not compile against torch $version (full log: $work/log)" >&2
+    return 1
+  }
+  echo "every source compiles against torch $version's headers"
+}
+
 cmd="${1:-help}"
 shift || true
 case "$cmd" in
@@ -172,6 +207,9 @@ case "$cmd" in
     ;;
   test-torch)
     test_other_torch "$@"
+    ;;
+  compile-torch)
+    compile_against_torch "$@"
     ;;
   bench)
     # The allocator suite compares against jemalloc and tcmalloc (LD_PRELOAD).

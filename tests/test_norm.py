@@ -25,6 +25,15 @@ CASES = [
     ((), (33,), "none"),
     ((0, 3), (16,), "wb"),
     ((4,), (0,), "wb"),
+    # Many rows: several row groups in the CUDA weight/bias gradient's first
+    # stage, so its second stage runs (and a short last group); the
+    # warp-per-row / block-per-row boundary at 256 / 257 columns.
+    ((1000,), (96,), "wb"),
+    ((513,), (7,), "b"),
+    ((4097,), (33,), "wb"),
+    ((65,), (8192,), "wb"),
+    ((3,), (256,), "wb"),
+    ((5,), (257,), "w"),
 ]
 
 
@@ -121,9 +130,57 @@ def test_backward_matches_reference(device, dtype, kind, case):
     leaves64 = [None if t is None else t.detach().double().requires_grad_() for t in (x, r, w, b)]
     ref_fn = lambda k, x_, r_, s_, w_, b_: reference(k, x_, r_, s_, w_, b_, round_sum=False)  # noqa: E731
     want = _grads(kind, *leaves64[:2], shape, *leaves64[2:], ref_fn, go, gres)
-    # Gradients of weight/bias sum over rows: allow for that many roundings.
+    # Gradients of weight/bias sum over rows, each term carrying the rounding
+    # of the incoming gradient to the dtype: allow for a random walk of that
+    # many roundings (sqrt(rows)).
+    rows = max(1, x.numel() // max(1, w.numel() if w is not None else (b.numel() if b is not None else 1)))
     for g, ref in zip(got, want):
         assert g.dtype == dtype
+        is_param = g.shape == tuple(shape) and g.numel() != x.numel()
+        scale = 4.0 * max(1.0, (rows / 16) ** 0.5) if is_param else 4.0
+        torch.testing.assert_close(g.double(), ref, **tol(dtype, scale=scale))
+
+
+def _at_offset(shape, dtype, device, offset, scale=1.0, base=0.0):
+    """A contiguous tensor that starts `offset` elements into its storage (misaligned for vector loads)."""
+    n = 1
+    for d in shape:
+        n *= d
+    buf = (torch.randn(n + offset, dtype=torch.float64) * scale + base).to(device=device, dtype=dtype)
+    return buf[offset:].view(shape)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", TRAIN_DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cols", [7, 256, 257])
+@pytest.mark.parametrize("where", ["1elem", "16bytes"])
+def test_inputs_at_storage_offsets(device, dtype, kind, cols, where):
+    # One element in: the CUDA kernels' pointers differ in misalignment, so
+    # rows go scalar; 16 bytes in: aligned again (the vector path).
+    offset = 1 if where == "1elem" else 16 // torch.empty((), dtype=dtype).element_size()
+    shape = (cols,)
+    full = (6, cols)
+    x = _at_offset(full, dtype, device, offset, base=0.3).requires_grad_()
+    r = _at_offset(full, dtype, device, offset).requires_grad_() if kind.startswith("add") else None
+    w, b = make_params(kind, shape, "wb", dtype, device)
+    w = w.requires_grad_()
+    b = b.requires_grad_() if b is not None else None
+    out, res_out = run_kind(kind, x, r, shape, w, b)
+    ref_out, ref_sum = reference(kind, x, r, shape, w, b)
+    torch.testing.assert_close(out.double(), ref_out, **tol(dtype))
+    go = _at_offset(full, dtype, device, offset)
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    outs, grads_out = [out], [go]
+    if res_out is not None:
+        outs.append(res_out)
+        grads_out.append(_at_offset(full, dtype, device, offset))
+    got = torch.autograd.grad(outs, leaves, grads_out)
+    leaves64 = [None if t is None else t.detach().double().requires_grad_() for t in (x, r, w, b)]
+    ref_o, ref_s = reference(kind, *leaves64[:2], shape, *leaves64[2:], round_sum=False)
+    ref_outs = [ref_o] + ([ref_s] if ref_s is not None else [])
+    want = torch.autograd.grad(ref_outs, [t for t in leaves64 if t is not None], [g.double() for g in grads_out])
+    for g, ref in zip(got, want):
         torch.testing.assert_close(g.double(), ref, **tol(dtype, scale=4.0))
 
 

@@ -127,6 +127,31 @@ def test_adam_trajectory_float32(device, name, combo):
     _assert_same_trajectory(*run, torch.float32)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adamw_large_and_misaligned_tensors(device, amsgrad):
+    # A tensor of several CUDA chunks (16384 elements each) with a short last
+    # one, and a parameter one element into its storage (no vector loads).
+    g = torch.Generator().manual_seed(3)
+    base = [torch.randn(2 * 16384 + 5, generator=g), torch.randn(1001, generator=g)]
+    def make():
+        big = base[0].clone().to(device).requires_grad_()
+        shifted = base[1].clone().to(device)[1:].detach().requires_grad_()
+        assert shifted.storage_offset() == 1
+        return [big, shifted]
+    ours_p, ref_p = make(), make()
+    ours = torch_wsl.optim.AdamW(ours_p, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, foreach=False)
+    for _ in range(20):
+        grads = [torch.randn(p.shape, generator=g).to(device) for p in ours_p]
+        for p, q, gr in zip(ours_p, ref_p, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        ours.step()
+        ref.step()
+    for p, q in zip(ours_p, ref_p):
+        torch.testing.assert_close(p, q, **TRAJ_TOL[torch.float32])
+
+
 def _max_dev(params, ref64):
     return max((a.double() - b).abs().max().item() for a, b in zip(params, ref64) if a.numel())
 

@@ -72,6 +72,13 @@ MEMCHECK_TESTS = [
     "tests/test_norm.py::test_forward_matches_reference[b0x3-n16-wb-rms_norm-fp32-cuda]",
     "tests/test_norm.py::test_backward_matches_reference[b4-n0-wb-add_layer_norm-fp32-cuda]",
     "tests/test_norm.py::test_noncontiguous_inputs[add_layer_norm-bf16-cuda]",
+    # warp per row (<= 256 columns) on real rows; the weight/bias gradient's second stage (many rows);
+    # the scalar fallback when pointers differ in misalignment
+    "tests/test_norm.py::test_forward_matches_reference[b4-n6x7-wb-add_layer_norm-fp16-cuda]",
+    "tests/test_norm.py::test_backward_matches_reference[b2x3-n3x5x7-b-layer_norm-fp32-cuda]",
+    "tests/test_norm.py::test_backward_matches_reference[b1000-n96-wb-add_rms_norm-bf16-cuda]",
+    "tests/test_norm.py::test_inputs_at_storage_offsets[1elem-257-add_layer_norm-fp16-cuda]",
+    "tests/test_optim.py::test_adamw_large_and_misaligned_tensors[True-cuda]",
     "tests/test_optim.py::test_cuda_many_tensors_span_several_launches",
     "tests/test_optim.py::test_adam_trajectory_half[AdamW-ams-max-wd0.0-lrT-bf16-cuda]",
     "tests/test_optim.py::test_sgd_trajectory_half[m0.9-d0.0-nest-wd0.1-max-lrT-fp16-cuda]",
@@ -83,6 +90,7 @@ MEMCHECK_TESTS = [
 RACECHECK_TESTS = [
     "tests/test_norm.py::test_backward_matches_reference[b3-n8192-wb-layer_norm-fp32-cuda]",
     "tests/test_norm.py::test_backward_matches_reference[b13-n769-w-add_rms_norm-bf16-cuda]",
+    "tests/test_norm.py::test_backward_matches_reference[b1000-n96-wb-layer_norm-fp32-cuda]",
     "tests/test_clip_grad.py::test_matches_torch[clips-2.0-fp32-cuda]",
     "tests/test_clip_grad.py::test_matches_torch[no-clip-inf-bf16-cuda]",
 ]
