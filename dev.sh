@@ -162,6 +162,7 @@ setup() {
 compile_against_torch() {
   local version="${1:?usage: ./dev.sh compile-torch VERSION}"
   local cache="$ROOT/.cache/torch-$version"
+  [ -x "$PY" ] || setup
   if [ ! -d "$cache/torch/include" ]; then
     log "downloading torch $version (headers only are kept)"
     rm -rf "$cache" && mkdir -p "$cache/wheel"
