@@ -180,7 +180,7 @@ compile_against_torch() {
   mine=$("$PY" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")
   sed "s#$mine#$cache/torch/include#g; s#$work/main#$work/other#g" "$work/main/build.ninja" > "$work/other.ninja"
   log "compiling every source against torch $version's headers"
-  ninja -f "$work/other.ninja" -j "$MAX_JOBS" -k 0 >"$work/log" 2>&1 || {
+  ninja -C "$work" -f "$work/other.ninja" -j "$MAX_JOBS" -k 0 >"$work/log" 2>&1 || {
     grep -E "error|FAILED" "$work/log" | head -40
     echo "torch_wsl does not compile against torch $version (full log: $work/log)" >&2
     return 1
