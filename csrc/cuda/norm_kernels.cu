@@ -287,6 +287,23 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   }
 }
 
+// The weight/bias tiles' last step: thread row 0 adds up what every thread
+// row of its column accumulated (aw, ab updated in place); true on row 0.
+// Every thread of the block must call it (it has a barrier).
+template <typename acc_t>
+__device__ __forceinline__ bool combine_tile_rows(acc_t (&sw)[kTileRows][kTileCols + 1],
+                                                  acc_t (&sb)[kTileRows][kTileCols + 1], acc_t& aw, acc_t& ab) {
+  sw[threadIdx.y][threadIdx.x] = aw;
+  sb[threadIdx.y][threadIdx.x] = ab;
+  __syncthreads();
+  if (threadIdx.y != 0) return false;
+  for (int k = 1; k < kTileRows; ++k) {
+    aw += sw[k][threadIdx.x];
+    ab += sb[k][threadIdx.x];
+  }
+  return true;
+}
+
 // Stage 1 of the weight/bias gradients: block (tile of 32 columns, group of
 // rows) writes partial sums of dy * xhat and dy to partial_{w,b}[group, col].
 // Launched with blockDim (kTileCols, kTileRows).
@@ -313,14 +330,7 @@ __global__ void __launch_bounds__(kTileCols * kTileRows)
       ab += g;
     }
   }
-  sw[threadIdx.y][threadIdx.x] = aw;
-  sb[threadIdx.y][threadIdx.x] = ab;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    for (int k = 1; k < kTileRows; ++k) {
-      aw += sw[k][threadIdx.x];
-      ab += sb[k][threadIdx.x];
-    }
+  if (combine_tile_rows(sw, sb, aw, ab) && col < cols) {
     if (partial_w != nullptr) partial_w[static_cast<int64_t>(blockIdx.y) * cols + col] = aw;
     if (partial_b != nullptr) partial_b[static_cast<int64_t>(blockIdx.y) * cols + col] = ab;
   }
@@ -344,14 +354,7 @@ __global__ void __launch_bounds__(kTileCols * kTileRows)
       if (partial_b != nullptr) ab += partial_b[g * cols + col];
     }
   }
-  sw[threadIdx.y][threadIdx.x] = aw;
-  sb[threadIdx.y][threadIdx.x] = ab;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    for (int k = 1; k < kTileRows; ++k) {
-      aw += sw[k][threadIdx.x];
-      ab += sb[k][threadIdx.x];
-    }
+  if (combine_tile_rows(sw, sb, aw, ab) && col < cols) {
     if (out_w != nullptr) out_w[col] = aw;
     if (out_b != nullptr) out_b[col] = ab;
   }
