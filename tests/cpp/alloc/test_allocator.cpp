@@ -17,6 +17,7 @@
 #include "alloc/core/no_caching.h"
 #include "alloc/core/replay.h"
 #include "alloc/core/sim_backend.h"
+#include "sim_fixture.h"
 
 namespace {
 
@@ -37,17 +38,8 @@ Policy pytorch_sizes() {
   return p;
 }
 
-struct Fixture {
-  explicit Fixture(Policy policy = pytorch_sizes(), SimulatedConfig cfg = {})
-      : sim(std::make_shared<SimulatedBackend>(cfg)), alloc(sim, policy) {}
-  std::int64_t stat(const std::string& key) const {
-    for (const auto& [k, v] : alloc.stats().items())
-      if (k == key) return v;
-    ADD_FAILURE() << "no statistic " << key;
-    return -1;
-  }
-  std::shared_ptr<SimulatedBackend> sim;
-  CachingAllocator alloc;
+struct Fixture : test_support::SimFixture {
+  explicit Fixture(Policy policy = pytorch_sizes(), SimulatedConfig cfg = {}) : SimFixture(policy, cfg) {}
 };
 
 const BlockInfo* find_block(const std::vector<SegmentInfo>& snap, std::uintptr_t a) {

@@ -12,6 +12,7 @@
 
 #include "alloc/core/allocator.h"
 #include "alloc/core/sim_backend.h"
+#include "sim_fixture.h"
 
 namespace {
 
@@ -47,21 +48,12 @@ class FlakyEvents final : public Backend {
   std::shared_ptr<SimulatedBackend> sim_;
 };
 
-struct Fixture {
-  explicit Fixture(Policy policy = {}, SimulatedConfig cfg = {})
-      : sim(std::make_shared<SimulatedBackend>(cfg)), alloc(sim, policy) {}
-  std::int64_t stat(const std::string& key) const {
-    for (const auto& [k, v] : alloc.stats().items())
-      if (k == key) return v;
-    ADD_FAILURE() << "no statistic " << key;
-    return -1;
-  }
+struct Fixture : test_support::SimFixture {
+  explicit Fixture(Policy policy = {}, SimulatedConfig cfg = {}) : SimFixture(policy, cfg) {}
   // Routes requests on kCapture into `pool`, as torch.cuda.graph does.
   void begin(PoolId pool = kGraphPool) {
     alloc.begin_allocate_to_pool(pool, [](StreamId s) { return s == kCapture; });
   }
-  std::shared_ptr<SimulatedBackend> sim;
-  CachingAllocator alloc;
 };
 
 // ------------------------------------------------------------------ private pools
