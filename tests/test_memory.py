@@ -346,6 +346,26 @@ def test_pinned_pool_falls_back_to_a_separate_pageable_pool_with_one_warning():
 
 
 @pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="build without CUDA")
+def test_cuda_free_entry_point_never_throws():
+    # torch_wsl_free is a deleter: an unknown pointer or a bad device index is
+    # reported and counted, never raised (that would terminate the process).
+    # No GPU needed: nothing reaches the driver.
+    r = run_python("""
+        import ctypes, torch_wsl, torch_wsl.memory as twm
+        lib = ctypes.CDLL(torch_wsl._C.__file__)
+        free = lib.torch_wsl_free
+        free.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+        free(ctypes.c_void_p(0x1234), 16, 0, None)     # not a pointer torch_wsl handed out
+        free(ctypes.c_void_p(0x5678), 16, 999, None)   # no such device
+        free(None, 0, 0, None)                         # freeing nothing is not an error
+        print("ERRORS", twm._A.cuda_deleter_errors())
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "ERRORS 2" in r.stdout
+    assert r.stderr.count("torch_wsl allocator: freeing memory failed") == 1  # printed once, counted always
+
+
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="build without CUDA")
 def test_pinned_only_allocator_raises_past_its_budget():
     a = twm.CachingAllocator(torch_wsl._C._alloc.PinnedHostBackend(0))
     with pytest.raises(torch.OutOfMemoryError):

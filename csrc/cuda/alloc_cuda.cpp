@@ -762,7 +762,7 @@ extern "C" __attribute__((visibility("default"))) void torch_wsl_free(void* ptr,
                                                                       cudaStream_t /*stream*/) {
   using namespace torch_wsl::alloc::cuda;
   no_throw([&] {
-    if (!device_ref(device).try_free(ptr) && ptr != nullptr)
+    if (ptr != nullptr && !device_ref(device).try_free(ptr))
       report_deleter_error("free of a pointer torch_wsl's CUDA allocator did not hand out, or freed twice");
   });
 }

@@ -27,7 +27,9 @@ class FlatPtrMap {
     ++size_;
   }
 
+  // Key 0 marks an empty slot, so it is never stored: find(0) and erase(0) find nothing.
   T* find(std::uintptr_t key) const {
+    if (key == 0) return nullptr;
     for (std::size_t i = slot_of(key);; i = (i + 1) & mask_) {
       if (slots_[i].key == key) return slots_[i].value;
       if (slots_[i].key == 0) return nullptr;
@@ -36,6 +38,7 @@ class FlatPtrMap {
 
   // Removes `key` and returns its value (nullptr when absent).
   T* erase(std::uintptr_t key) {
+    if (key == 0) return nullptr;
     std::size_t i = slot_of(key);
     while (slots_[i].key != key) {
       if (slots_[i].key == 0) return nullptr;

@@ -122,6 +122,10 @@ TEST(AllocSizes, FlatPtrMapMatchesUnorderedMap) {
     }
     if (i % 1000 == 0) {
       for (std::uintptr_t k = 512; k < 5001 * 512; k += 512 * 7) EXPECT_EQ(map.find(k), ref.count(k) ? ref[k] : nullptr);
+      // Key 0 (a null pointer) is the empty-slot marker: never found, and erasing it changes nothing.
+      EXPECT_EQ(map.find(0), nullptr);
+      EXPECT_EQ(map.erase(0), nullptr);
+      EXPECT_EQ(map.size(), ref.size());
     }
   }
   EXPECT_EQ(map.size(), ref.size());
