@@ -108,10 +108,8 @@ class PinnedPool {
   // The fallback warning the first time pageable memory was handed out; empty afterwards.
   std::string take_warning();
   CachingAllocator& pinned() { return *pinned_; }
-  CachingAllocator& pageable() { return *pageable_; }
   const std::shared_ptr<CachingAllocator>& pinned_ptr() const { return pinned_; }
   const std::shared_ptr<CachingAllocator>& pageable_ptr() const { return pageable_; }
-  PinnedHostBackend& backend() { return *backend_; }
 
  private:
   void note_fallback(const std::string& why);
