@@ -96,6 +96,32 @@ def _write_build_config(with_cuda: bool, archs: str) -> None:
     (ROOT / "torch_wsl" / "_build_config.py").write_text(text)
 
 
+# Every CPU kernel family (csrc/cpu/<family>_kernel_impl.h) is compiled once per
+# ISA from one template; CMakeLists.txt generates the same units.
+CPU_ISAS = ("default", "avx2", "avx512")
+
+
+def generate_isa_units(out_dir: Path) -> list[str]:
+    """Writes <family>_kernel_<isa>.cpp for every family and ISA (only when changed, so
+    ninja and ccache see unchanged files); returns their paths."""
+    template = (ROOT / "csrc" / "cpu" / "isa_unit.cpp.in").read_text()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    units = []
+    for impl in sorted((ROOT / "csrc" / "cpu").glob("*_kernel_impl.h")):
+        family = impl.name[: -len("_kernel_impl.h")]
+        for isa in CPU_ISAS:
+            text = (
+                template.replace("@FAMILY@", family)
+                .replace("@ISA_MACRO@", f"TWSL_ISA_{isa.upper()}")
+                .replace("@ISA@", isa)
+            )
+            unit = out_dir / f"{family}_kernel_{isa}.cpp"
+            if not unit.exists() or unit.read_text() != text:
+                unit.write_text(text)
+            units.append(os.path.relpath(unit, ROOT))
+    return units
+
+
 def extensions():
     with_cuda = _want_cuda()
     archs = ""
@@ -106,6 +132,7 @@ def extensions():
     # Every C++ file under csrc/ (subsystems live in subfolders), and under
     # csrc/cuda/ the CUDA sources, which only a CUDA build compiles.
     sources = sorted(p for p in glob.glob("csrc/**/*.cpp", recursive=True) if not p.startswith("csrc/cuda/"))
+    sources += generate_isa_units(ROOT / "build" / "isa_units" / "cpu")
     macros = []
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)

@@ -7,43 +7,22 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/irange.h>
 
+#include "checks.h"
 #include "cpu/norm_kernel.h"
+#include "dtypes.h"
 
 namespace torch_wsl {
 namespace {
-
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
-
-void check_float_dtype(const char* op, const char* name, const Tensor& t) {
-  TORCH_CHECK(is_supported_float(t.scalar_type()), "torch_wsl.", op, ": expected ", name,
-              " to have a floating dtype (float32, float16, bfloat16 or float64), got ", t.scalar_type());
-}
-
-void check_same_device(const char* op, const char* name, const Tensor& t, const Tensor& input) {
-  TORCH_CHECK(t.device() == input.device(), "torch_wsl.", op, ": expected ", name,
-              " to be on the same device as input (", input.device(), "), got ", t.device());
-}
-
-// residual / grad tensors that must match input exactly.
-void check_like_input(const char* op, const char* name, const Tensor& t, const Tensor& input) {
-  check_same_device(op, name, t, input);
-  TORCH_CHECK(t.sizes() == input.sizes(), "torch_wsl.", op, ": expected ", name, " to have the shape of input ",
-              input.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "torch_wsl.", op, ": expected ", name,
-              " to have the dtype of input (", input.scalar_type(), "), got ", t.scalar_type());
-}
 
 // weight / bias: shape normalized_shape, any floating dtype. Returned contiguous,
 // in input's dtype or the accumulation type (converted if it was neither).
 Tensor prepare_param(const char* op, const char* name, const Tensor& p, at::IntArrayRef normalized_shape,
                      const Tensor& input) {
-  check_same_device(op, name, p, input);
-  check_float_dtype(op, name, p);
-  TORCH_CHECK(p.sizes() == normalized_shape, "torch_wsl.", op, ": expected ", name,
-              " to have shape normalized_shape ", normalized_shape, ", got ", p.sizes());
-  const at::ScalarType acc = norm_acc_type(input.scalar_type());
+  check::same_device(op, name, p, "input", input);
+  check::floating(op, name, p);
+  check::that(p.sizes() == normalized_shape, op, name, c10::str("to have shape normalized_shape ", normalized_shape),
+              p.sizes());
+  const at::ScalarType acc = acc_scalar_type(input.scalar_type());
   Tensor out = p;
   if (p.scalar_type() != input.scalar_type() && p.scalar_type() != acc) out = p.to(acc);
   return out.contiguous();
@@ -56,12 +35,12 @@ struct RowsCols {
 };
 
 RowsCols check_input_shape(const char* op, const Tensor& input, at::IntArrayRef normalized_shape) {
-  check_float_dtype(op, "input", input);
+  check::floating(op, "input", input);
   const int64_t k = static_cast<int64_t>(normalized_shape.size());
-  TORCH_CHECK(k > 0, "torch_wsl.", op, ": expected normalized_shape to name at least one dimension, got []");
-  TORCH_CHECK(input.dim() >= k && input.sizes().slice(input.dim() - k) == normalized_shape, "torch_wsl.", op,
-              ": expected normalized_shape ", normalized_shape,
-              " to match the trailing dimensions of input, got input of shape ", input.sizes());
+  check::that(k > 0, op, "normalized_shape", "to name at least one dimension", "[]");
+  check::that(input.dim() >= k && input.sizes().slice(input.dim() - k) == normalized_shape, op, "normalized_shape",
+              c10::str(normalized_shape, " to match the trailing dimensions of input"), "input of shape ",
+              input.sizes());
   RowsCols rc{1, 1, {}};
   for (const auto i : c10::irange(input.dim())) {
     if (i < input.dim() - k) {
@@ -76,23 +55,21 @@ RowsCols check_input_shape(const char* op, const Tensor& input, at::IntArrayRef 
 
 }  // namespace
 
-at::ScalarType norm_acc_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
-
 NormForward prepare_norm_forward(const char* op, bool center, const Tensor& input, const OptTensor& residual,
                                  at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
                                  std::optional<double> eps) {
   const RowsCols rc = check_input_shape(op, input, normalized_shape);
-  if (residual) check_like_input(op, "residual", *residual, input);
+  if (residual) check::like(op, "residual", *residual, "input", input);
   NormForward p;
   if (weight) p.weight = prepare_param(op, "weight", *weight, normalized_shape, input);
   if (bias) p.bias = prepare_param(op, "bias", *bias, normalized_shape, input);
-  const at::ScalarType acc = norm_acc_type(input.scalar_type());
+  const at::ScalarType acc = acc_scalar_type(input.scalar_type());
   if (eps) {
     p.eps = *eps;
   } else {  // torch.nn.functional.rms_norm's default: the accumulation type's machine epsilon
     p.eps = acc == at::kDouble ? std::numeric_limits<double>::epsilon() : std::numeric_limits<float>::epsilon();
   }
-  TORCH_CHECK(p.eps >= 0.0, "torch_wsl.", op, ": expected eps >= 0, got ", p.eps);
+  check::that(p.eps >= 0.0, op, "eps", ">= 0", p.eps);
 
   p.input = input.contiguous();
   if (residual) p.residual = residual->contiguous();
@@ -113,18 +90,18 @@ NormBackward prepare_norm_backward(const char* op, bool center, const Tensor& gr
                                    at::IntArrayRef normalized_shape, const OptTensor& mean, const Tensor& rstd,
                                    const OptTensor& weight, bool want_grad_weight, bool want_grad_bias) {
   const RowsCols rc = check_input_shape(op, input, normalized_shape);
-  check_like_input(op, "grad_output", grad_output, input);
-  if (grad_residual_out) check_like_input(op, "grad_residual_out", *grad_residual_out, input);
-  const at::ScalarType acc = norm_acc_type(input.scalar_type());
+  check::like(op, "grad_output", grad_output, "input", input);
+  if (grad_residual_out) check::like(op, "grad_residual_out", *grad_residual_out, "input", input);
+  const at::ScalarType acc = acc_scalar_type(input.scalar_type());
   auto check_stat = [&](const char* name, const Tensor& t) {
-    check_same_device(op, name, t, input);
-    TORCH_CHECK(t.numel() == rc.rows && t.scalar_type() == acc, "torch_wsl.", op, ": expected ", name, " to hold ",
-                rc.rows, " values of dtype ", acc, " (one per normalized row), got shape ", t.sizes(), " and dtype ",
-                t.scalar_type());
+    check::same_device(op, name, t, "input", input);
+    check::that(t.numel() == rc.rows && t.scalar_type() == acc, op, name,
+                c10::str("to hold ", rc.rows, " values of dtype ", check::dtype_name(acc), " (one per normalized row)"),
+                "shape ", t.sizes(), " and dtype ", check::dtype_name(t.scalar_type()));
   };
   NormBackward p;
   if (center) {
-    TORCH_CHECK(mean.has_value(), "torch_wsl.", op, ": expected mean to be given");
+    check::that(mean.has_value(), op, "mean", "to be given", "None");
     check_stat("mean", *mean);
     p.mean = mean->contiguous();
   }
@@ -163,7 +140,7 @@ Tensor to_acc(const Tensor& param, at::ScalarType acc) {
 struct CpuNormBackend {
   static void forward(NormForward& p) {
     if (p.rows == 0) return;
-    const at::ScalarType acc = norm_acc_type(p.input.scalar_type());
+    const at::ScalarType acc = acc_scalar_type(p.input.scalar_type());
     const Tensor weight = to_acc(p.weight, acc);
     const Tensor bias = to_acc(p.bias, acc);
     cpu::NormForwardArgs a;
@@ -180,11 +157,11 @@ struct CpuNormBackend {
     a.eps = p.eps;
     a.center = p.center;
     a.dtype = p.input.scalar_type();
-    cpu::norm_forward(a);
+    cpu::norm_kernels().forward(a);
   }
 
   static void backward(NormBackward& p) {
-    const at::ScalarType acc = norm_acc_type(p.input.scalar_type());
+    const at::ScalarType acc = acc_scalar_type(p.input.scalar_type());
     if (p.rows == 0 || p.cols == 0) {  // the kernel writes every gradient element otherwise
       if (p.grad_weight.defined()) p.grad_weight.zero_();
       if (p.grad_bias.defined()) p.grad_bias.zero_();
@@ -205,7 +182,7 @@ struct CpuNormBackend {
     a.cols = p.cols;
     a.center = p.center;
     a.dtype = p.input.scalar_type();
-    cpu::norm_backward(a);
+    cpu::norm_kernels().backward(a);
   }
 };
 

@@ -47,9 +47,6 @@ struct NormBackward {
   bool center = true;
 };
 
-// Accumulation dtype: float for float/half/bfloat16, double for double.
-at::ScalarType norm_acc_type(at::ScalarType dtype);
-
 NormForward prepare_norm_forward(const char* op, bool center, const Tensor& input, const OptTensor& residual,
                                  at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
                                  std::optional<double> eps);

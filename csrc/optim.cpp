@@ -14,15 +14,13 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
 
+#include "checks.h"
 #include "cpu/optim_kernel.h"
+#include "dtypes.h"
 #include "optim_math.h"
 
 namespace torch_wsl {
 namespace {
-
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
 
 std::string item_name(const char* list, size_t i) { return std::string(list) + "[" + std::to_string(i) + "]"; }
 
@@ -43,9 +41,8 @@ void check_param(const char* op, size_t i, const Tensor& p, const at::Device& de
               p.layout());
   TORCH_CHECK(!at::isComplexType(p.scalar_type()), "torch_wsl.", op, ": expected ", name,
               " to be real: complex parameters are not supported (optimize torch.view_as_real(param) instead), got ",
-              p.scalar_type());
-  TORCH_CHECK(is_supported_float(p.scalar_type()), "torch_wsl.", op, ": expected ", name,
-              " to have a floating dtype (float32, float16, bfloat16 or float64), got ", p.scalar_type());
+              check::dtype_name(p.scalar_type()));
+  check::floating(op, name, p);
   check_device(op, name, p, device);
 }
 
@@ -59,7 +56,7 @@ void check_like_param(const char* op, const char* list, size_t i, const Tensor& 
               (std::string(list) == "grads" ? " (sparse gradients are not supported)" : ""));
   check_device(op, name, t, device);
   TORCH_CHECK(t.scalar_type() == p.scalar_type(), "torch_wsl.", op, ": expected ", name, " to have the dtype of params[",
-              i, "] (", p.scalar_type(), "), got ", t.scalar_type());
+              i, "] (", check::dtype_name(p.scalar_type()), "), got ", check::dtype_name(t.scalar_type()));
   TORCH_CHECK(t.sizes() == p.sizes(), "torch_wsl.", op, ": expected ", name, " to have the shape of params[", i, "] ",
               p.sizes(), ", got ", t.sizes());
 }
@@ -68,14 +65,14 @@ void check_like_param(const char* op, const char* list, size_t i, const Tensor& 
 void check_scalar_f32(const char* op, const std::string& name, const Tensor& t, const at::Device& device) {
   TORCH_CHECK(t.layout() == at::kStrided && t.numel() == 1 && t.scalar_type() == at::kFloat, "torch_wsl.", op,
               ": expected ", name, " to be a one-element float32 tensor, got shape ", t.sizes(), " and dtype ",
-              t.scalar_type());
+              check::dtype_name(t.scalar_type()));
   check_device(op, name, t, device);
 }
 
 void check_lr_tensor(const char* op, const Tensor& lr, const at::Device& device) {
   TORCH_CHECK(lr.numel() == 1 && at::isFloatingType(lr.scalar_type()), "torch_wsl.", op,
               ": expected lr to be a one-element floating tensor, got shape ", lr.sizes(), " and dtype ",
-              lr.scalar_type());
+              check::dtype_name(lr.scalar_type()));
   TORCH_CHECK(lr.device() == device || lr.is_cpu(), "torch_wsl.", op,
               ": expected lr to be on the CPU or on the device of params[0] (", device, "), got ", lr.device());
 }
@@ -260,8 +257,7 @@ NormCall prepare_total_norm(at::TensorList tensors, double norm_type) {
     const std::string name = item_name("tensors", i);
     TORCH_CHECK(t.defined() && t.layout() == at::kStrided, "torch_wsl.", op, ": expected ", name,
                 " to be a dense tensor");
-    TORCH_CHECK(is_supported_float(t.scalar_type()), "torch_wsl.", op, ": expected ", name,
-                " to have a floating dtype (float32, float16, bfloat16 or float64), got ", t.scalar_type());
+    check::floating(op, name, t);
     TORCH_CHECK(t.device() == c.device, "torch_wsl.", op, ": expected ", name, " to be on the device of tensors[0] (",
                 c.device, "), got ", t.device());
     c.out_dtype = first ? t.scalar_type() : at::promoteTypes(c.out_dtype, t.scalar_type());
@@ -281,9 +277,9 @@ ClipCall prepare_clip(at::TensorList grads, double max_norm, const Tensor& total
   const char* op = "clip_grads_with_norm_";
   ClipCall c;
   c.max_norm = max_norm;
-  TORCH_CHECK(total_norm.numel() == 1 && is_supported_float(total_norm.scalar_type()), "torch_wsl.", op,
+  TORCH_CHECK(total_norm.numel() == 1 && is_kernel_float(total_norm.scalar_type()), "torch_wsl.", op,
               ": expected total_norm to be a one-element floating tensor, got shape ", total_norm.sizes(),
-              " and dtype ", total_norm.scalar_type());
+              " and dtype ", check::dtype_name(total_norm.scalar_type()));
   if (grads.empty()) return c;
   const at::Device device = grads[0].device();
   for (const auto i : c10::irange(grads.size())) {
@@ -291,8 +287,7 @@ ClipCall prepare_clip(at::TensorList grads, double max_norm, const Tensor& total
     const std::string name = item_name("grads", i);
     TORCH_CHECK(g.defined() && g.layout() == at::kStrided, "torch_wsl.", op, ": expected ", name,
                 " to be a dense tensor (sparse gradients are not supported)");
-    TORCH_CHECK(is_supported_float(g.scalar_type()), "torch_wsl.", op, ": expected ", name,
-                " to have a floating dtype (float32, float16, bfloat16 or float64), got ", g.scalar_type());
+    check::floating(op, name, g);
     TORCH_CHECK(g.device() == device, "torch_wsl.", op, ": expected ", name, " to be on the device of grads[0] (",
                 device, "), got ", g.device());
   }

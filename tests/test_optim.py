@@ -582,7 +582,7 @@ def test_complex_and_integer_parameters_are_rejected():
         torch_wsl.optim.Adam([c]).step()
     ops = torch.ops.torch_wsl
     i = torch.ones(3, dtype=torch.int64)
-    with pytest.raises(RuntimeError, match=r"params\[0\].*floating dtype.*Long"):
+    with pytest.raises(RuntimeError, match=r"params\[0\].*floating dtype.*int64"):
         ops.sgd_([i], [i], [], weight_decay=0.0, momentum=0.0, lr=0.1, dampening=0.0, nesterov=False,
                  maximize=False, is_first_step=False)
 

@@ -7,6 +7,10 @@
 
 #include <c10/core/ScalarType.h>
 
+#include "cpu/kernel_table.h"
+#include "dtypes.h"
+#include "norm_math.h"
+
 namespace torch_wsl::cpu {
 
 // Pointers are to contiguous [rows, cols] data of `dtype`, except weight/bias
@@ -44,19 +48,11 @@ struct NormBackwardArgs {
   c10::ScalarType dtype = c10::ScalarType::Float;
 };
 
-// Entry points: dispatch on the active ISA.
-void norm_forward(const NormForwardArgs& args);
-void norm_backward(const NormBackwardArgs& args);
-
-// One set per ISA; defined in norm_kernel_{default,avx2,avx512}.cpp.
-#define TORCH_WSL_DECLARE_NORM_ISA(ns)                  \
-  namespace ns {                                        \
-  void norm_forward(const NormForwardArgs& args);       \
-  void norm_backward(const NormBackwardArgs& args);     \
-  }
-TORCH_WSL_DECLARE_NORM_ISA(isa_default)
-TORCH_WSL_DECLARE_NORM_ISA(isa_avx2)
-TORCH_WSL_DECLARE_NORM_ISA(isa_avx512)
-#undef TORCH_WSL_DECLARE_NORM_ISA
+// The kernels of the ISA in use: cpu::norm_kernels().forward(args).
+struct NormKernels {
+  void (*forward)(const NormForwardArgs& args);
+  void (*backward)(const NormBackwardArgs& args);
+};
+TORCH_WSL_DECLARE_CPU_KERNELS(NormKernels, norm_kernels)
 
 }  // namespace torch_wsl::cpu

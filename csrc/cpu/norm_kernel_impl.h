@@ -227,29 +227,23 @@ void backward_impl(const NormBackwardArgs& a) {
   });
 }
 
-template <template <typename, typename> class Fn, typename Args>
-void dispatch_dtype(const Args& a) {
-  switch (a.dtype) {
-    case c10::ScalarType::Float: return Fn<float, float>::run(a);
-    case c10::ScalarType::Double: return Fn<double, double>::run(a);
-    case c10::ScalarType::BFloat16: return Fn<c10::BFloat16, float>::run(a);
-    case c10::ScalarType::Half: return Fn<c10::Half, float>::run(a);
-    default: TORCH_CHECK(false, "torch_wsl: norm CPU kernel got unsupported dtype ", a.dtype);
-  }
+template <typename Args, typename Impl>
+void for_dtype(const Args& a, Impl&& impl) {
+  torch_wsl::visit_float_dtype(a.dtype, "norm CPU kernel", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    impl(scalar_t{}, torch_wsl::acc_type_t<scalar_t>{});
+  });
 }
 
-template <typename scalar_t, typename acc_t>
-struct ForwardFn {
-  static void run(const NormForwardArgs& a) { forward_impl<scalar_t, acc_t>(a); }
-};
-template <typename scalar_t, typename acc_t>
-struct BackwardFn {
-  static void run(const NormBackwardArgs& a) { backward_impl<scalar_t, acc_t>(a); }
-};
+void forward(const NormForwardArgs& a) {
+  for_dtype(a, [&](auto s, auto acc) { forward_impl<decltype(s), decltype(acc)>(a); });
+}
+void backward(const NormBackwardArgs& a) {
+  for_dtype(a, [&](auto s, auto acc) { backward_impl<decltype(s), decltype(acc)>(a); });
+}
 
 }  // namespace
 
-void norm_forward(const NormForwardArgs& args) { dispatch_dtype<ForwardFn>(args); }
-void norm_backward(const NormBackwardArgs& args) { dispatch_dtype<BackwardFn>(args); }
+const NormKernels norm_kernels = {&forward, &backward};
 
 }  // namespace torch_wsl::cpu::TWSL_CPU_ISA_NS

@@ -2,8 +2,6 @@
 
 #include <c10/util/Exception.h>
 
-#include "cpu/isa.h"
-#include "optim_math.h"
 
 namespace torch_wsl::cpu {
 namespace {
@@ -40,21 +38,13 @@ std::vector<TensorChunk> multi_tensor_chunks(const std::vector<int64_t>& numels,
 void adam_step(const AdamArgs& args) {
   const auto chunks = multi_tensor_chunks(numels_of(args.tensors), kChunkElems);
   if (chunks.empty()) return;
-  switch (active_isa()) {
-    case Isa::kAvx512: return isa_avx512::adam_step(args, chunks);
-    case Isa::kAvx2: return isa_avx2::adam_step(args, chunks);
-    default: return isa_default::adam_step(args, chunks);
-  }
+  optim_kernels().adam_step(args, chunks);
 }
 
 void sgd_step(const SgdArgs& args) {
   const auto chunks = multi_tensor_chunks(numels_of(args.tensors), kChunkElems);
   if (chunks.empty()) return;
-  switch (active_isa()) {
-    case Isa::kAvx512: return isa_avx512::sgd_step(args, chunks);
-    case Isa::kAvx2: return isa_avx2::sgd_step(args, chunks);
-    default: return isa_default::sgd_step(args, chunks);
-  }
+  optim_kernels().sgd_step(args, chunks);
 }
 
 double total_norm(const NormArgs& args) {
@@ -63,11 +53,7 @@ double total_norm(const NormArgs& args) {
   const auto chunks = multi_tensor_chunks(numels_of(args.tensors), kChunkElems);
   std::vector<double> partials(chunks.size(), 0.0);
   if (!chunks.empty()) {
-    switch (active_isa()) {
-      case Isa::kAvx512: isa_avx512::norm_partials(args, chunks, partials.data()); break;
-      case Isa::kAvx2: isa_avx2::norm_partials(args, chunks, partials.data()); break;
-      default: isa_default::norm_partials(args, chunks, partials.data()); break;
-    }
+    optim_kernels().norm_partials(args, chunks, partials.data());
   }
   // Combined in chunk order: the result does not depend on the thread count.
   double acc = 0.0;
@@ -78,11 +64,7 @@ double total_norm(const NormArgs& args) {
 void scale_(const std::vector<ScaleTensor>& tensors, double coef) {
   const auto chunks = multi_tensor_chunks(numels_of(tensors), kChunkElems);
   if (chunks.empty()) return;
-  switch (active_isa()) {
-    case Isa::kAvx512: return isa_avx512::scale_(tensors, coef, chunks);
-    case Isa::kAvx2: return isa_avx2::scale_(tensors, coef, chunks);
-    default: return isa_default::scale_(tensors, coef, chunks);
-  }
+  optim_kernels().scale_(tensors, coef, chunks);
 }
 
 }  // namespace torch_wsl::cpu

@@ -14,6 +14,10 @@
 
 #include <c10/core/ScalarType.h>
 
+#include "cpu/kernel_table.h"
+#include "dtypes.h"
+#include "optim_math.h"
+
 namespace torch_wsl::cpu {
 
 // A piece of one tensor of a multi-tensor call: elements [begin, end) of tensor `index`.
@@ -103,16 +107,13 @@ double total_norm(const NormArgs& args);
 // tensors *= coef (in the accumulation type), in place.
 void scale_(const std::vector<ScaleTensor>& tensors, double coef);
 
-#define TORCH_WSL_DECLARE_OPTIM_ISA(ns)                                        \
-  namespace ns {                                                               \
-  void adam_step(const AdamArgs& args, const std::vector<TensorChunk>& chunks); \
-  void sgd_step(const SgdArgs& args, const std::vector<TensorChunk>& chunks);   \
-  void norm_partials(const NormArgs& args, const std::vector<TensorChunk>& chunks, double* partials); \
-  void scale_(const std::vector<ScaleTensor>& tensors, double coef, const std::vector<TensorChunk>& chunks); \
-  }
-TORCH_WSL_DECLARE_OPTIM_ISA(isa_default)
-TORCH_WSL_DECLARE_OPTIM_ISA(isa_avx2)
-TORCH_WSL_DECLARE_OPTIM_ISA(isa_avx512)
-#undef TORCH_WSL_DECLARE_OPTIM_ISA
+// The per-ISA kernels behind the entry points (cpu/kernel_table.h).
+struct OptimKernels {
+  void (*adam_step)(const AdamArgs& args, const std::vector<TensorChunk>& chunks);
+  void (*sgd_step)(const SgdArgs& args, const std::vector<TensorChunk>& chunks);
+  void (*norm_partials)(const NormArgs& args, const std::vector<TensorChunk>& chunks, double* partials);
+  void (*scale_)(const std::vector<ScaleTensor>& tensors, double coef, const std::vector<TensorChunk>& chunks);
+};
+TORCH_WSL_DECLARE_CPU_KERNELS(OptimKernels, optim_kernels)
 
 }  // namespace torch_wsl::cpu

@@ -16,19 +16,7 @@ namespace {
 namespace om = torch_wsl::optim_math;
 
 template <typename scalar_t>
-using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-// Calls fn(scalar_t{}) for the tensor's storage dtype.
-template <typename Fn>
-void dispatch_storage(c10::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case c10::ScalarType::Float: return fn(float{});
-    case c10::ScalarType::Double: return fn(double{});
-    case c10::ScalarType::BFloat16: return fn(c10::BFloat16{});
-    case c10::ScalarType::Half: return fn(c10::Half{});
-    default: TORCH_CHECK(false, "torch_wsl: optimizer CPU kernel got unsupported dtype ", dtype);
-  }
-}
+using acc_of = torch_wsl::acc_type_t<scalar_t>;
 
 // Elements per thread below which a call stays on the calling thread: waking
 // the pool costs more than it saves, and a pool thread that is descheduled
@@ -220,8 +208,6 @@ void scale_chunk(scalar_t* x, int64_t n, double coef) {
   });
 }
 
-}  // namespace
-
 void adam_step(const AdamArgs& args, const std::vector<TensorChunk>& chunks) {
   // Bias corrections once per tensor (each tensor has its own step count).
   std::vector<om::AdamStepScalars> scalars;
@@ -233,7 +219,7 @@ void adam_step(const AdamArgs& args, const std::vector<TensorChunk>& chunks) {
     const TensorChunk& ch = chunks[static_cast<size_t>(c)];
     const auto i = static_cast<size_t>(ch.index);
     const AdamTensor& t = args.tensors[i];
-    dispatch_storage(t.dtype, [&](auto tag) {
+    torch_wsl::visit_float_dtype(t.dtype, "optimizer CPU kernel", [&](auto tag) {
       adam_chunk<decltype(tag)>(args, t, scalars[i], ch.begin, ch.end);
     });
   });
@@ -243,7 +229,7 @@ void sgd_step(const SgdArgs& args, const std::vector<TensorChunk>& chunks) {
   for_each_chunk(chunks, [&](int64_t c) {
     const TensorChunk& ch = chunks[static_cast<size_t>(c)];
     const SgdTensor& t = args.tensors[static_cast<size_t>(ch.index)];
-    dispatch_storage(t.dtype, [&](auto tag) { sgd_chunk<decltype(tag)>(args, t, ch.begin, ch.end); });
+    torch_wsl::visit_float_dtype(t.dtype, "optimizer CPU kernel", [&](auto tag) { sgd_chunk<decltype(tag)>(args, t, ch.begin, ch.end); });
   });
 }
 
@@ -252,7 +238,7 @@ void norm_partials(const NormArgs& args, const std::vector<TensorChunk>& chunks,
   for_each_chunk(chunks, [&](int64_t c) {
     const TensorChunk& ch = chunks[static_cast<size_t>(c)];
     const NormTensor& t = args.tensors[static_cast<size_t>(ch.index)];
-    dispatch_storage(t.dtype, [&](auto tag) {
+    torch_wsl::visit_float_dtype(t.dtype, "optimizer CPU kernel", [&](auto tag) {
       using scalar_t = decltype(tag);
       partials[c] = norm_chunk(static_cast<const scalar_t*>(t.data) + ch.begin, ch.end - ch.begin, ord);
     });
@@ -263,11 +249,15 @@ void scale_(const std::vector<ScaleTensor>& tensors, double coef, const std::vec
   for_each_chunk(chunks, [&](int64_t c) {
     const TensorChunk& ch = chunks[static_cast<size_t>(c)];
     const ScaleTensor& t = tensors[static_cast<size_t>(ch.index)];
-    dispatch_storage(t.dtype, [&](auto tag) {
+    torch_wsl::visit_float_dtype(t.dtype, "optimizer CPU kernel", [&](auto tag) {
       using scalar_t = decltype(tag);
       scale_chunk(static_cast<scalar_t*>(t.data) + ch.begin, ch.end - ch.begin, coef);
     });
   });
 }
+
+}  // namespace
+
+const OptimKernels optim_kernels = {&adam_step, &sgd_step, &norm_partials, &scale_};
 
 }  // namespace torch_wsl::cpu::TWSL_CPU_ISA_NS

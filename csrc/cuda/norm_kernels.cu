@@ -30,8 +30,8 @@
 #include "build_info.h"
 #include "cuda/block_reduce.cuh"
 #include "cuda/norm_launch.h"
-#include "cuda/types.cuh"
-#include "dispatch.h"
+#include "cuda/vec_io.cuh"
+#include "dtypes.h"
 #include "norm.h"
 #include "norm_math.h"
 #include "row_split.h"
@@ -45,23 +45,8 @@ namespace {
 namespace nm = torch_wsl::norm_math;
 using gpu::block_sum2;
 
-using gpu::AccType;
-using gpu::Pack;
-
-template <int VEC, typename T>
-__device__ __forceinline__ void load_vec(const T* p, T (&out)[VEC]) {
-  const auto packed = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) out[k] = packed.v[k];
-}
-
-template <int VEC, typename T>
-__device__ __forceinline__ void store_vec(T* p, const T (&in)[VEC]) {
-  Pack<T, VEC> packed;
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) packed.v[k] = in[k];
-  *reinterpret_cast<Pack<T, VEC>*>(p) = packed;
-}
+using gpu::load_vec;
+using gpu::store_vec;
 
 template <typename param_t, typename acc_t>
 __device__ __forceinline__ acc_t param_or(const param_t* p, int64_t i, acc_t fallback) {
@@ -76,7 +61,7 @@ __device__ __forceinline__ acc_t param_or(const param_t* p, int64_t i, acc_t fal
 template <int VEC, typename scalar_t>
 __device__ __forceinline__ void load_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res, int64_t j,
                                          scalar_t (&v)[VEC]) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = acc_type_t<scalar_t>;
   load_vec<VEC>(x + j, v);
   if (res != nullptr) {
     scalar_t r[VEC];
@@ -170,10 +155,10 @@ template <typename scalar_t, typename param_t, bool kCenter, bool kWarpPerRow>
 __global__ void __launch_bounds__(kMaxRowThreads)
     norm_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
                         const param_t* __restrict__ w, const param_t* __restrict__ b, scalar_t* __restrict__ y,
-                        scalar_t* __restrict__ res_out, typename AccType<scalar_t>::type* __restrict__ mean_out,
-                        typename AccType<scalar_t>::type* __restrict__ rstd_out, int64_t rows, int64_t cols,
-                        typename AccType<scalar_t>::type eps) {
-  using acc_t = typename AccType<scalar_t>::type;
+                        scalar_t* __restrict__ res_out, acc_type_t<scalar_t>* __restrict__ mean_out,
+                        acc_type_t<scalar_t>* __restrict__ rstd_out, int64_t rows, int64_t cols,
+                        acc_type_t<scalar_t> eps) {
+  using acc_t = acc_type_t<scalar_t>;
   constexpr int VEC = 16 / sizeof(scalar_t);
   __shared__ acc_t shared[kRowShared];
   const RowTeam<kWarpPerRow> team;
@@ -236,10 +221,10 @@ template <typename scalar_t, typename param_t, bool kWarpPerRow>
 __global__ void __launch_bounds__(kMaxRowThreads)
     norm_backward_input_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ dres,
                                const scalar_t* __restrict__ x,
-                               const typename AccType<scalar_t>::type* __restrict__ mean_in,
-                               const typename AccType<scalar_t>::type* __restrict__ rstd_in,
+                               const acc_type_t<scalar_t>* __restrict__ mean_in,
+                               const acc_type_t<scalar_t>* __restrict__ rstd_in,
                                const param_t* __restrict__ w, scalar_t* __restrict__ dx, int64_t rows, int64_t cols) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = acc_type_t<scalar_t>;
   constexpr int VEC = 16 / sizeof(scalar_t);
   __shared__ acc_t shared[kRowShared];
   const RowTeam<kWarpPerRow> team;
@@ -310,12 +295,12 @@ __device__ __forceinline__ bool combine_tile_rows(acc_t (&sw)[kTileRows][kTileCo
 template <typename scalar_t>
 __global__ void __launch_bounds__(kTileCols * kTileRows)
     norm_param_grad_partial_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                   const typename AccType<scalar_t>::type* __restrict__ mean_in,
-                                   const typename AccType<scalar_t>::type* __restrict__ rstd_in,
-                                   typename AccType<scalar_t>::type* __restrict__ partial_w,
-                                   typename AccType<scalar_t>::type* __restrict__ partial_b, int64_t rows,
+                                   const acc_type_t<scalar_t>* __restrict__ mean_in,
+                                   const acc_type_t<scalar_t>* __restrict__ rstd_in,
+                                   acc_type_t<scalar_t>* __restrict__ partial_w,
+                                   acc_type_t<scalar_t>* __restrict__ partial_b, int64_t rows,
                                    int64_t cols, int64_t rows_per_group) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = acc_type_t<scalar_t>;
   __shared__ acc_t sw[kTileRows][kTileCols + 1];
   __shared__ acc_t sb[kTileRows][kTileCols + 1];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kTileCols + threadIdx.x;
@@ -423,12 +408,12 @@ struct CudaNormBackend {
     if (p.rows == 0) return;
     const c10::cuda::OptionalCUDAGuard guard(p.input.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    const at::ScalarType acc = norm_acc_type(p.input.scalar_type());
+    const at::ScalarType acc = acc_scalar_type(p.input.scalar_type());
     unify_params(p.weight, p.bias, acc);
     const Tensor& some_param = p.weight.defined() ? p.weight : p.bias;
     const bool params_in_acc = some_param.defined() && some_param.scalar_type() != p.input.scalar_type();
-    TWSL_DISPATCH_FLOATING_TYPES(p.input.scalar_type(), "torch_wsl.norm_forward_cuda", [&] {
-      using acc_t = typename AccType<scalar_t>::type;
+    TORCH_WSL_DISPATCH_FLOATING_TYPES(p.input.scalar_type(), "torch_wsl.norm_forward_cuda", [&] {
+      using acc_t = acc_type_t<scalar_t>;
       auto launch = [&](auto param_tag) {
         using param_t = decltype(param_tag);
         const scalar_t* x = p.input.const_data_ptr<scalar_t>();
@@ -475,8 +460,8 @@ struct CudaNormBackend {
       return;
     }
     const bool params_in_acc = p.weight.defined() && p.weight.scalar_type() != p.input.scalar_type();
-    TWSL_DISPATCH_FLOATING_TYPES(p.input.scalar_type(), "torch_wsl.norm_backward_cuda", [&] {
-      using acc_t = typename AccType<scalar_t>::type;
+    TORCH_WSL_DISPATCH_FLOATING_TYPES(p.input.scalar_type(), "torch_wsl.norm_backward_cuda", [&] {
+      using acc_t = acc_type_t<scalar_t>;
       const scalar_t* dy = p.grad_output.const_data_ptr<scalar_t>();
       const scalar_t* dres = ptr_or_null<scalar_t>(p.grad_residual_out);
       const scalar_t* x = p.input.const_data_ptr<scalar_t>();

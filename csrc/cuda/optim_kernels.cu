@@ -21,7 +21,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cuda/types.cuh"
+#include "cuda/vec_io.cuh"
 #include "cuda/multi_tensor_apply.cuh"
 #include "optim.h"
 #include "optim_math.h"
@@ -35,55 +35,11 @@ using gpu::kChunk;
 using gpu::kThreads;
 using gpu::TensorBatch;
 
-using gpu::AccType;
+using gpu::aligned16;
+using gpu::load;
 using gpu::Pack;
-
-// Elements per 16-byte vector access.
-template <typename T>
-constexpr int vec_of() {
-  return static_cast<int>(16 / sizeof(T));
-}
-
-__device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// Runs body(i, count) over this block's chunk [begin, end): groups of VEC
-// elements with 16-byte accesses when `vector` (the pointers are 16-byte
-// aligned; chunk starts are multiples of VEC), then single elements.
-template <int VEC, typename Body>
-__device__ __forceinline__ void for_chunk(int64_t begin, int64_t end, bool vector, Body&& body) {
-  int64_t tail = begin;
-  if (vector) {
-    const int64_t full = begin + (end - begin) / VEC * VEC;
-    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * VEC; i < full; i += static_cast<int64_t>(blockDim.x) * VEC) {
-      body(i, std::integral_constant<int, VEC>{});
-    }
-    tail = full;
-  }
-  for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) body(i, std::integral_constant<int, 1>{});
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void load(const T* p, typename AccType<T>::type (&out)[N]) {
-  if constexpr (N == 1) {
-    out[0] = static_cast<typename AccType<T>::type>(*p);
-  } else {
-    const Pack<T, N> v = *reinterpret_cast<const Pack<T, N>*>(p);
-#pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = static_cast<typename AccType<T>::type>(v.v[k]);
-  }
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store(T* p, const typename AccType<T>::type (&in)[N]) {
-  if constexpr (N == 1) {
-    *p = static_cast<T>(in[0]);
-  } else {
-    Pack<T, N> v;
-#pragma unroll
-    for (int k = 0; k < N; ++k) v.v[k] = static_cast<T>(in[k]);
-    *reinterpret_cast<Pack<T, N>*>(p) = v;
-  }
-}
+using gpu::store;
+using gpu::widen;
 
 // The chunk of the tensor this block works on.
 struct BlockChunk {
@@ -141,12 +97,6 @@ __device__ __forceinline__ void adam_load(AdamRaw<scalar_t, N>& r, const AdamPtr
   if constexpr (kAmsgrad) r.vmax = *reinterpret_cast<const Pack<scalar_t, N>*>(t.vmax + i);
 }
 
-template <typename scalar_t, int N>
-__device__ __forceinline__ void widen(const Pack<scalar_t, N>& in, typename AccType<scalar_t>::type (&out)[N]) {
-#pragma unroll
-  for (int k = 0; k < N; ++k) out[k] = static_cast<typename AccType<scalar_t>::type>(in.v[k]);
-}
-
 // Unscales (and writes back) the gradients when asked, updates, stores.
 template <int N, bool kAmsgrad, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void adam_apply(const AdamRaw<scalar_t, N>& r, const AdamPtrs<scalar_t>& t, int64_t i,
@@ -192,9 +142,9 @@ __device__ __forceinline__ void adam_apply(const AdamRaw<scalar_t, N>& r, const 
 template <typename scalar_t, int kLists>
 __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ TensorBatch<kLists> batch,
                                                         const AdamHyper h) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = acc_type_t<scalar_t>;
   constexpr bool kAmsgrad = kLists == 6;
-  constexpr int VEC = vec_of<scalar_t>();
+  constexpr int VEC = gpu::vec_width<scalar_t>();
   static_assert(kThreads % 32 == 0, "warp 0 computes the coefficients; the block must be whole warps");
   if (skip_step(h.found_inf)) return;
   const BlockChunk ch = block_chunk(batch);
@@ -279,7 +229,7 @@ struct SgdHyper {
 template <typename scalar_t, int kLists>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ TensorBatch<kLists> batch,
                                                        const SgdHyper h) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = acc_type_t<scalar_t>;
   constexpr bool kMomentum = kLists == 3;
   if (skip_step(h.found_inf)) return;
   const BlockChunk ch = block_chunk(batch);
@@ -292,9 +242,9 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ T
   const bool unscale = h.grad_scale != nullptr;
   const acc_t grad_scale = unscale ? static_cast<acc_t>(*h.grad_scale) : acc_t(1);
 
-  constexpr int VEC = vec_of<scalar_t>();
+  constexpr int VEC = gpu::vec_width<scalar_t>();
   const bool vector = aligned16(p) && aligned16(g) && (!kMomentum || aligned16(buf));
-  for_chunk<VEC>(ch.begin, ch.end, vector, [&](int64_t i, auto width) {
+  gpu::for_each_vec<VEC>(ch.begin, ch.end, threadIdx.x, blockDim.x, vector, [&](int64_t i, auto width) {
     constexpr int N = decltype(width)::value;
     acc_t pv[N], gv[N], bv[N] = {};
     load<N>(p + i, pv);
@@ -345,14 +295,14 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) norm_partial_kernel(const __grid_constant__ TensorBatch<1> batch,
                                                                 double* __restrict__ partials, int64_t first_block,
                                                                 int norm_order) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = acc_type_t<scalar_t>;
   __shared__ acc_t shared[kThreads / 32];
   const auto ord = static_cast<om::NormOrder>(norm_order);
   const BlockChunk ch = block_chunk(batch);
   const auto* x = static_cast<const scalar_t*>(batch.ptr[0][ch.t]);
   acc_t acc = 0;
-  constexpr int VEC = vec_of<scalar_t>();
-  for_chunk<VEC>(ch.begin, ch.end, aligned16(x), [&](int64_t i, auto width) {
+  constexpr int VEC = gpu::vec_width<scalar_t>();
+  gpu::for_each_vec<VEC>(ch.begin, ch.end, threadIdx.x, blockDim.x, aligned16(x), [&](int64_t i, auto width) {
     constexpr int N = decltype(width)::value;
     acc_t xv[N];
     load<N>(x + i, xv);
@@ -380,7 +330,7 @@ __global__ void __launch_bounds__(kThreads) norm_finish_kernel(const double* __r
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) clip_kernel(const __grid_constant__ TensorBatch<1> batch,
                                                         const void* total_norm, int total_kind, double max_norm) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = acc_type_t<scalar_t>;
   double coef = 0.0;
   switch (total_kind) {  // the total norm's dtype sets the coefficient's precision, as in torch
     case 0: coef = om::clip_coef<float>(*static_cast<const float*>(total_norm), static_cast<float>(max_norm)); break;
@@ -397,8 +347,8 @@ __global__ void __launch_bounds__(kThreads) clip_kernel(const __grid_constant__ 
   const auto cf = static_cast<acc_t>(coef);
   const BlockChunk ch = block_chunk(batch);
   auto* x = static_cast<scalar_t*>(batch.ptr[0][ch.t]);
-  constexpr int VEC = vec_of<scalar_t>();
-  for_chunk<VEC>(ch.begin, ch.end, aligned16(x), [&](int64_t i, auto width) {
+  constexpr int VEC = gpu::vec_width<scalar_t>();
+  gpu::for_each_vec<VEC>(ch.begin, ch.end, threadIdx.x, blockDim.x, aligned16(x), [&](int64_t i, auto width) {
     constexpr int N = decltype(width)::value;
     acc_t xv[N];
     load<N>(x + i, xv);

@@ -1,9 +1,0 @@
-// LayerNorm/RMSNorm CPU kernels built for the 'avx2' ISA (see cpu/isa_begin.h).
-#include "cpu/isa_prelude.h"
-#include "cpu/norm_kernel.h"
-#include "norm_math.h"
-
-#define TWSL_ISA_AVX2
-#include "cpu/isa_begin.h"
-#include "cpu/norm_kernel_impl.h"
-#include "cpu/isa_end.h"
