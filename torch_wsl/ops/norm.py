@@ -13,6 +13,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from . import _checks
+from ._autograd import forbid_double_backward
+
 __all__ = ["add_layer_norm", "add_rms_norm", "layer_norm", "rms_norm"]
 
 _ops = torch.ops.torch_wsl
@@ -77,46 +80,77 @@ def add_rms_norm(
 
 
 # ---------------------------------------------------------------- fake kernels
-# Shapes and dtypes only, mirroring csrc/norm.cpp's allocation.
+# Shapes and dtypes only, mirroring csrc/norm.cpp's checks (same order, same
+# words, through _checks) and its allocation.
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _stat_shape(input: Tensor, normalized_shape: Sequence[int]) -> list[int]:
+def _check_input(op: str, input: Tensor, normalized_shape: Sequence[int]) -> list[int]:
+    """check_input_shape: returns the statistics' shape, input.shape[:-len(normalized_shape)]."""
+    _checks.floating(op, "input", input)
     k = len(normalized_shape)
-    torch._check(k > 0, lambda: "torch_wsl norm: expected normalized_shape to name at least one dimension, got []")
-    torch._check(
+    _checks.that(k > 0, op, "normalized_shape", "to name at least one dimension", "[]")
+    _checks.that(
         input.dim() >= k and list(input.shape[input.dim() - k :]) == list(normalized_shape),
-        lambda: f"torch_wsl norm: expected normalized_shape {list(normalized_shape)} to match the trailing "
-        f"dimensions of input, got input of shape {list(input.shape)}",
+        op,
+        "normalized_shape",
+        f"{_checks.shape_str(normalized_shape)} to match the trailing dimensions of input",
+        lambda: "input of shape " + _checks.shape_str(input.shape),
     )
     return list(input.shape[: input.dim() - k])
 
 
-def _check_like(name: str, t: Optional[Tensor], input: Tensor, same_shape: bool) -> None:
-    # The checks that matter when tracing: where tensors live and how they line up.
-    if t is None:
+def _check_param(op: str, name: str, p: Optional[Tensor], normalized_shape: Sequence[int], input: Tensor) -> None:
+    if p is None:
         return
-    torch._check(
-        t.device == input.device,
-        lambda: f"torch_wsl norm: expected {name} to be on the same device as input ({input.device}), got {t.device}",
+    _checks.same_device(op, name, p, "input", input)
+    _checks.floating(op, name, p)
+    _checks.that(
+        list(p.shape) == list(normalized_shape),
+        op,
+        name,
+        f"to have shape normalized_shape {_checks.shape_str(normalized_shape)}",
+        lambda: _checks.shape_str(p.shape),
     )
-    if same_shape:
-        torch._check(
-            t.shape == input.shape,
-            lambda: f"torch_wsl norm: expected {name} to have the shape of input {list(input.shape)}, "
-            f"got {list(t.shape)}",
-        )
 
 
-def _stats(input: Tensor, normalized_shape: Sequence[int], residual=None, weight=None, bias=None) -> Tensor:
-    shape = _stat_shape(input, normalized_shape)
-    _check_like("residual", residual, input, same_shape=True)
-    _check_like("weight", weight, input, same_shape=False)
-    _check_like("bias", bias, input, same_shape=False)
+def _check_forward(op, input, normalized_shape, residual=None, weight=None, bias=None, eps=None) -> Tensor:
+    """prepare_norm_forward's checks; returns an empty statistics tensor."""
+    shape = _check_input(op, input, normalized_shape)
+    if residual is not None:
+        _checks.like(op, "residual", residual, "input", input)
+    _check_param(op, "weight", weight, normalized_shape, input)
+    _check_param(op, "bias", bias, normalized_shape, input)
+    if eps is not None:
+        _checks.that(eps >= 0.0, op, "eps", ">= 0", _checks.num_str(eps))
     return input.new_empty(shape, dtype=_acc_dtype(input.dtype))
+
+
+def _check_backward(op, grad_output, grad_residual_out, input, normalized_shape, mean, rstd, weight) -> None:
+    """prepare_norm_backward's checks."""
+    stat_shape = _check_input(op, input, normalized_shape)
+    _checks.like(op, "grad_output", grad_output, "input", input)
+    if grad_residual_out is not None:
+        _checks.like(op, "grad_residual_out", grad_residual_out, "input", input)
+    rows = 1
+    for s in stat_shape:
+        rows *= s
+    acc = _acc_dtype(input.dtype)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if t is None:
+            continue
+        _checks.same_device(op, name, t, "input", input)
+        _checks.that(
+            t.numel() == rows and t.dtype == acc,
+            op,
+            name,
+            f"to hold {rows} values of dtype {_checks.dtype_name(acc)} (one per normalized row)",
+            lambda: f"shape {_checks.shape_str(t.shape)} and dtype {_checks.dtype_name(t.dtype)}",
+        )
+    _check_param(op, "weight", weight, normalized_shape, input)
 
 
 def _param_grad(param: Optional[Tensor], wanted: bool, input: Tensor) -> Tensor:
@@ -127,24 +161,24 @@ def _param_grad(param: Optional[Tensor], wanted: bool, input: Tensor) -> Tensor:
 
 @torch.library.register_fake("torch_wsl::layer_norm")
 def _layer_norm_fake(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    stats = _stats(input, normalized_shape, None, weight, bias)
+    stats = _check_forward("layer_norm", input, normalized_shape, None, weight, bias, eps)
     return input.new_empty(input.shape), stats, torch.empty_like(stats)
 
 
 @torch.library.register_fake("torch_wsl::add_layer_norm")
 def _add_layer_norm_fake(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
-    stats = _stats(input, normalized_shape, residual, weight, bias)
+    stats = _check_forward("add_layer_norm", input, normalized_shape, residual, weight, bias, eps)
     return input.new_empty(input.shape), input.new_empty(input.shape), stats, torch.empty_like(stats)
 
 
 @torch.library.register_fake("torch_wsl::rms_norm")
 def _rms_norm_fake(input, normalized_shape, weight=None, eps=None):
-    return input.new_empty(input.shape), _stats(input, normalized_shape, None, weight)
+    return input.new_empty(input.shape), _check_forward("rms_norm", input, normalized_shape, None, weight, None, eps)
 
 
 @torch.library.register_fake("torch_wsl::add_rms_norm")
 def _add_rms_norm_fake(input, residual, normalized_shape, weight=None, eps=None):
-    stats = _stats(input, normalized_shape, residual, weight)
+    stats = _check_forward("add_rms_norm", input, normalized_shape, residual, weight, None, eps)
     return input.new_empty(input.shape), input.new_empty(input.shape), stats
 
 
@@ -152,7 +186,7 @@ def _add_rms_norm_fake(input, residual, normalized_shape, weight=None, eps=None)
 def _layer_norm_backward_fake(
     grad_output, grad_residual_out, input, normalized_shape, mean, rstd, weight, bias, output_mask
 ):
-    _stat_shape(input, normalized_shape)
+    _check_backward("layer_norm_backward", grad_output, grad_residual_out, input, normalized_shape, mean, rstd, weight)
     return (
         input.new_empty(input.shape),
         _param_grad(weight, output_mask[0], input),
@@ -162,7 +196,7 @@ def _layer_norm_backward_fake(
 
 @torch.library.register_fake("torch_wsl::rms_norm_backward")
 def _rms_norm_backward_fake(grad_output, grad_residual_out, input, normalized_shape, rstd, weight, weight_grad):
-    _stat_shape(input, normalized_shape)
+    _check_backward("rms_norm_backward", grad_output, grad_residual_out, input, normalized_shape, None, rstd, weight)
     return input.new_empty(input.shape), _param_grad(weight, weight_grad, input)
 
 
@@ -263,3 +297,4 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd("torch_wsl::rms_norm", _backward_rms_norm, setup_context=_setup_rms_norm)
 torch.library.register_autograd("torch_wsl::add_rms_norm", _backward_add_rms_norm, setup_context=_setup_add_rms_norm)
+forbid_double_backward("torch_wsl::layer_norm_backward", "torch_wsl::rms_norm_backward")
