@@ -7,6 +7,10 @@
 
 #include <ATen/ops/ne.h>
 #include <c10/util/irange.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DispatchKeySet.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include "checks.h"
 #include "cpu/cross_entropy_kernel.h"
@@ -352,5 +356,46 @@ TORCH_LIBRARY_FRAGMENT(torch_wsl, m) {
 }
 
 TORCH_LIBRARY_IMPL(torch_wsl, CPU, m) { register_cross_entropy_kernels<CpuCrossEntropyBackend>(m); }
+
+// The in-place operator writes a gradient and has none. Its autograd kernel
+// refuses an input that requires grad (its history would no longer describe
+// its values); its ADInplaceOrView kernel bumps the input's version counter
+// after the write, so autograd refuses tensors it saved before they were
+// overwritten. (PyTorch's fallbacks bump only mutated tensors that the
+// schema returns, and a custom operator cannot return an alias of an input
+// under torch.compile.)
+namespace {
+
+const at::Tensor& first_argument(const c10::OperatorHandle& op, const torch::jit::Stack* stack) {
+  return (*stack)[stack->size() - op.schema().arguments().size()].toTensor();
+}
+
+void loss_grad_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const at::Tensor& input = first_argument(op, stack);
+  check::that(!(at::GradMode::is_enabled() && input.requires_grad()), "cross_entropy_loss_grad_", "input",
+              "not to require grad (it is overwritten with the gradient of its loss; the operator is not "
+              "differentiable)",
+              "a tensor that requires grad");
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+void loss_grad_inplace_or_view(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const at::Tensor input = first_argument(op, stack);
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  torch::autograd::impl::bump_version(input);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_wsl, Autograd, m) {
+  m.impl("cross_entropy_loss_grad_", torch::CppFunction::makeFromBoxedFunction<&loss_grad_autograd>());
+}
+TORCH_LIBRARY_IMPL(torch_wsl, ADInplaceOrView, m) {
+  m.impl("cross_entropy_loss_grad_", torch::CppFunction::makeFromBoxedFunction<&loss_grad_inplace_or_view>());
+}
 
 }  // namespace torch_wsl
