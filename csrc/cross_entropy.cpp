@@ -3,7 +3,6 @@
 #include "cross_entropy.h"
 
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 
 #include <ATen/ops/ne.h>
@@ -145,8 +144,7 @@ int64_t split_slab_rows(int64_t hidden, int64_t elem_bytes, bool cuda) {
   // accumulation right after the matmul wrote it, from the last-level cache
   // on this CPU; larger slabs mean fewer matmuls and parallel regions (CPU)
   // or launches (GPU) per chunk.
-  int64_t bytes = cuda ? (int64_t{64} << 20) : (int64_t{32} << 20);
-  if (const char* e = std::getenv("TWSL_CE_SLAB_MIB")) bytes = std::atoll(e) << 20;  // TEMP experiment
+  const int64_t bytes = cuda ? (int64_t{64} << 20) : (int64_t{32} << 20);
   return std::max<int64_t>(1, bytes / std::max<int64_t>(hidden * elem_bytes, 1));
 }
 
