@@ -140,11 +140,12 @@ int64_t default_linear_chunk(int64_t tokens, int64_t hidden, int64_t vocab) {
 }
 
 int64_t split_slab_rows(int64_t hidden, int64_t elem_bytes, bool cuda) {
-  // A slab's product (~32 MiB here, 64 MiB on a GPU) is read back by the
-  // accumulation right after the matmul wrote it, from the last-level cache
-  // on this CPU; larger slabs mean fewer matmuls and parallel regions (CPU)
-  // or launches (GPU) per chunk.
-  const int64_t bytes = cuda ? (int64_t{64} << 20) : (int64_t{32} << 20);
+  // A slab's product is read back by the accumulation right after the
+  // matmul wrote it: ~32 MiB stays in this CPU's last-level cache. Larger
+  // slabs mean fewer matmuls and parallel regions per chunk, and on a GPU
+  // fewer launches (two per slab, each a VM-bus crossing under WSL2): 128 MiB
+  // there, 4 slabs per chunk for Llama 3's head.
+  const int64_t bytes = cuda ? (int64_t{128} << 20) : (int64_t{32} << 20);
   return std::max<int64_t>(1, bytes / std::max<int64_t>(hidden * elem_bytes, 1));
 }
 

@@ -421,3 +421,30 @@ def test_loss_grad_refuses_inputs_that_require_grad_and_bumps_versions():
     cross_entropy_loss_grad_(y, torch.tensor([0, 1, 2]))
     with pytest.raises(RuntimeError, match=r"modified by an inplace operation"):
         out.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_linear_backward_allocates_no_gradient_copies(dtype):
+    """The fused backward hands autograd the forward's gradients, scaled in place: no weight- or input-sized
+    tensor is allocated after the forward (every CPU allocation counted by torch_wsl's allocator)."""
+    import torch_wsl.memory as twm
+
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(512, 256, generator=gen).to(dtype).requires_grad_()
+    w = (torch.randn(5000, 256, generator=gen) * 0.06).to(dtype).requires_grad_()
+    t = torch.randint(0, 5000, (512,), generator=gen)
+    twm.enable("cpu")
+    try:
+        alloc = twm._allocator("cpu")
+        loss = linear_cross_entropy(x, w, t, chunk_size=128) * 3.0
+        after_forward = alloc.stats()["allocated_bytes.all.current"]
+        alloc.reset_peak_stats()
+        loss.backward()
+        grown = alloc.stats()["allocated_bytes.all.peak"] - after_forward
+    finally:
+        twm.disable("cpu")
+    assert grown < x.numel() * x.element_size() // 2, f"backward allocated {grown} bytes"
+    ref_x, ref_w = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (F.cross_entropy(F.linear(ref_x, ref_w), t) * 3.0).backward()
+    torch.testing.assert_close(w.grad.double(), ref_w.grad, **tol(dtype, 4))
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, **tol(dtype, 4))

@@ -407,6 +407,8 @@ def _needs(ctx, i: int) -> bool:
 def _setup_cross_entropy(ctx, inputs, output):
     input, target, weight, reduction, ignore_index, label_smoothing, softcap = inputs
     _, lse, total_weight = output
+    # No zeros materialized for the gradients of lse and total_weight.
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(lse, total_weight)
     ctx.options = (reduction, ignore_index, label_smoothing, softcap)
     ctx.save_for_backward(input, target, weight, lse, total_weight)
@@ -418,7 +420,7 @@ def _backward_cross_entropy(ctx, grad_loss, _grad_lse, _grad_total_weight):
         raise RuntimeError("torch_wsl.cross_entropy: the gradient of weight is not implemented "
                            "(as in torch.nn.functional.cross_entropy)")
     grad_input = None
-    if _needs(ctx, 0):
+    if _needs(ctx, 0) and grad_loss is not None:
         reduction, ignore_index, label_smoothing, softcap = ctx.options
         grad_input = _ops.cross_entropy_backward(
             grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing, softcap
@@ -429,6 +431,9 @@ def _backward_cross_entropy(ctx, grad_loss, _grad_lse, _grad_total_weight):
 def _setup_linear_cross_entropy(ctx, inputs, output):
     input, weight, target, bias, ignore_index, reduction, label_smoothing, softcap, chunk_size, grad_mask = inputs
     _, gi, gw, gb = output
+    # Without this, autograd would hand the backward zero tensors for the
+    # gradient outputs' own (unused) gradients: weight-sized, each call.
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(gi, gw, gb)
     ctx.reduction = reduction
     ctx.grad_mask = list(grad_mask)
@@ -449,6 +454,8 @@ def _tracing(t: Tensor) -> bool:
 
 def _backward_linear_cross_entropy(ctx, grad_loss, _gi, _gw, _gb):
     needs = [_needs(ctx, 0), _needs(ctx, 1), ctx.has_bias and _needs(ctx, 3)]
+    if grad_loss is None:
+        return None, None, None, None, None, None, None, None, None, None
     if ctx.fused_grads is not None:
         for i, name in enumerate(("input", "weight", "bias")):
             if needs[i] and not ctx.grad_mask[i]:
@@ -457,6 +464,9 @@ def _backward_linear_cross_entropy(ctx, grad_loss, _gi, _gw, _gb):
                     f"({name} did not require grad, or grad mode was off, when the loss was computed)"
                 )
         fused, ctx.fused_grads = ctx.fused_grads, None
+        # mark_non_differentiable kept references too; with them gone, autograd
+        # takes the gradients as they are instead of cloning them.
+        ctx.non_differentiable = ()
         if _tracing(grad_loss):
             grads = [g * grad_loss if need else None for g, need in zip(fused, needs)]
         else:
