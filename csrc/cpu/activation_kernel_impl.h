@@ -18,6 +18,67 @@ namespace {
 namespace am = torch_wsl::act_math;
 using am::Activation;
 
+// activation_math.h's primitives for this ISA's types (found there by
+// argument-dependent lookup). These kernels' throughput is bounded by the
+// latency of each element's chain of dependent operations (a few dozen in
+// flight fill the scheduler), not by their count, so the vector versions
+// trade a few operations for shorter chains.
+
+template <typename acc_t>
+Scalar<acc_t> exp_neg_abs(Scalar<acc_t> x) {
+  return {std::exp(-std::fabs(x.v))};
+}
+template <typename acc_t>
+Scalar<acc_t> reciprocal_ge1(Scalar<acc_t> d) {
+  return {acc_t(1) / d.v};
+}
+template <typename acc_t>
+Scalar<acc_t> normal_cdf(Scalar<acc_t> x, Scalar<acc_t>* density) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return {am::normal_cdf(x.v, density != nullptr ? &density->v : nullptr)};
+  } else {
+    return am::normal_cdf_f32(x, density);
+  }
+}
+
+#if TWSL_CPU_ISA_LEVEL >= 1
+// vec.h's exp (the same reduction and polynomial) where the argument -|x| is
+// never positive: one clamp instead of two, -|x| in one operation, and the
+// polynomial by Estrin's scheme (depth 3 instead of 5).
+inline VecF exp_neg_abs(VecF x) {
+  using namespace vec_math_detail;
+#if TWSL_CPU_ISA_LEVEL >= 2
+  const VecF neg_abs{_mm512_or_ps(x.v, _mm512_set1_ps(-0.0f))};
+#else
+  const VecF neg_abs{_mm256_or_ps(x.v, _mm256_set1_ps(-0.0f))};
+#endif
+  const VecF y = max_keep_nan(neg_abs, splat(-104.0f));  // exp is 0 in float below
+  const VecF n = round_nearest(y * splat(1.44269502f));
+  const VecF r = VecF::fmadd(n, splat(-kLn2Lo), VecF::fmadd(n, splat(-kLn2Hi), y));
+  const VecF r2 = r * r;
+  const VecF lo = VecF::fmadd(splat(0.16666521f), r, splat(0.49999994f));
+  const VecF hi = VecF::fmadd(splat(0.008368675f), r, splat(0.041668262f));
+  const VecF q = VecF::fmadd(VecF::fmadd(splat(0.0013821055f), r2, hi), r2, lo);
+  return scale_pow2(VecF::fmadd(r2, q, r) + splat(1.0f), n);
+}
+
+inline VecF normal_cdf(VecF x, VecF* density) { return am::normal_cdf_f32(x, density); }
+#endif
+
+#if TWSL_CPU_ISA_LEVEL >= 2
+// The hardware estimate (relative error 2^-14) and one Newton step
+// r + r (1 - d r): within an ulp of 1 / d for normal d, without the divider
+// (vdivps alone would bound a vector's cost here).
+inline VecF reciprocal_ge1(VecF d) {
+  const __m512 r = _mm512_rcp14_ps(d.v);
+  return {_mm512_fmadd_ps(r, _mm512_fnmadd_ps(d.v, r, _mm512_set1_ps(1.0f)), r)};
+}
+#elif TWSL_CPU_ISA_LEVEL >= 1
+// AVX2's estimate has 12 bits; refining it to float accuracy takes two
+// Newton steps, no shorter than the (8-lane) division.
+inline VecF reciprocal_ge1(VecF d) { return VecF::broadcast(1.0f) / d; }
+#endif
+
 // Outputs at least this large (all outputs of a call together) are streamed:
 // they would not stay in the last-level cache for the next operator anyway,
 // and a non-temporal store skips the read-for-ownership that costs a third
