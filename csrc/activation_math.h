@@ -23,7 +23,9 @@
 // dtype before the product, the fused kernel does not (tests/test_activation.py
 // bounds the difference). Non-finite values follow the formulas, so NaN
 // propagates and +-inf give what eager float64 gives: act(-inf) and
-// act'(+-inf) are NaN (inf * 0), act(+inf) = +inf.
+// act'(+-inf) are NaN (inf * 0), act(+inf) = +inf. One float32 limit is
+// eager float32's too: gelu_tanh's derivative squares x, so it is NaN for
+// |x| > 1.8e19.
 //
 // Two primitives have faster versions for the CPU vector types, defined in
 // cpu/activation_kernel_impl.h and found by argument-dependent lookup:
@@ -41,7 +43,7 @@ namespace torch_wsl::act_math {
 using torch_wsl::fn::abs;
 using torch_wsl::fn::exp;
 using torch_wsl::fn::ge;
-using torch_wsl::fn::min;
+using torch_wsl::fn::lt;
 using torch_wsl::fn::select;
 using torch_wsl::fn::splat;
 
@@ -71,7 +73,7 @@ TWSL_HOST_DEVICE T madd(T a, T b, T c) {
 TWSL_HOST_DEVICE float exp_neg_abs(float x) { return exp(-abs(x)); }
 TWSL_HOST_DEVICE double exp_neg_abs(double x) { return exp(-abs(x)); }
 
-// 1 / d for finite d >= 1 (the only denominators below).
+// 1 / d for d >= 1, +inf included (-> 0); NaN gives NaN.
 TWSL_HOST_DEVICE float reciprocal_ge1(float d) { return 1.0f / d; }
 TWSL_HOST_DEVICE double reciprocal_ge1(double d) { return 1.0 / d; }
 
@@ -94,38 +96,38 @@ TWSL_HOST_DEVICE Logistic<T> logistic(T x) {
   return {select(nonneg, splat<T>(1), e) * r, select(nonneg, e, splat<T>(1)) * r};
 }
 
-// c0 + t (c1 + t (c2 + ...)), by Horner's rule with FMAs.
-template <typename T>
-TWSL_HOST_DEVICE T horner(T, double c0) {
-  return splat<T>(c0);
-}
-template <typename T, typename... Rest>
-TWSL_HOST_DEVICE T horner(T t, double c0, Rest... rest) {
-  return madd(horner(t, rest...), t, splat<T>(c0));
-}
-
 // Phi(x), the standard normal CDF, at float accuracy; with `density`, also
 // exp(-x^2 / 2) / sqrt(2 pi) there. q = erfc(|x| / sqrt 2) / 2 is formed
 // directly (no 1 - erf cancellation, so Phi keeps its relative accuracy for
 // x < 0) as exp(-x^2 / 2) t P(t), t = 1 / (1 + p w), w = |x| / sqrt 2, with P
 // our degree-8 fit of erfcx(w) / t on [0, 16] (weighted least squares
 // iterated to minimax, Lawson's method; relative error 4e-8 with these float
-// coefficients, which carry Phi's 1/2); Phi = q for x < 0, 1 - q for x >= 0.
-// exp(-x^2 / 2) is taken of the rounded square and corrected by (1 - lo / 2),
-// lo the square's rounding error (exact by FMA); the density is the same
-// exponential, so the backward pass needs no second one. w is clamped at 16,
-// past which erfc is 0 in float, so t stays finite and Phi(+inf) = 1.
+// coefficients, which carry Phi's 1/2), evaluated by Estrin's scheme (depth 4,
+// not Horner's 8: the CPU kernels are bound by their chains' latency);
+// Phi = q for x < 0, 1 - q for x >= 0. exp(-x^2 / 2) is taken of the rounded
+// square and corrected by (1 - lo / 2), lo the square's rounding error (exact
+// by FMA); the density is the same exponential, so the backward pass needs no
+// second one. The square is of |x| capped at 16 (so no inf * 0 for huge |x|;
+// the exponential is 0 there anyway), and |x| = inf gives t = 0, so
+// Phi(+inf) = 1 and NaN reaches Phi through t.
 template <typename T>
 TWSL_HOST_DEVICE T normal_cdf_f32(T x, T* density) {
-  const T hi = x * x;
-  const T lo = madd(x, x, splat<T>(0) - hi);
+  const T ax = abs(x);
+  const T xc = select(lt(ax, splat<T>(16)), ax, splat<T>(16));  // exp(-128) is 0 in float; x^2 stays finite
+  const T hi = xc * xc;
+  const T lo = madd(xc, xc, splat<T>(0) - hi);
   const T e0 = exp_neg_abs(splat<T>(0.5) * hi);
   const T e = madd(e0, splat<T>(-0.5) * lo, e0);
-  const T w = min(abs(x) * splat<T>(kSqrtHalf), splat<T>(16));
-  const T t = reciprocal_ge1(madd(splat<T>(0.385f), w, splat<T>(1)));
-  const T p = horner(t, 0.5 * 0.21722109615802765, 0.5 * 0.21697935461997986, 0.5 * 0.20392358303070068,
-                     0.5 * 0.15041697025299072, 0.5 * 0.19775272905826569, 0.5 * -0.10810547322034836,
-                     0.5 * 0.30498605966567993, 0.5 * -0.23977838456630707, 0.5 * 0.05660410225391388);
+  const T t = reciprocal_ge1(madd(splat<T>(0.385f * kSqrtHalf), ax, splat<T>(1)));
+  const T t2 = t * t;
+  const T t4 = t2 * t2;
+  const T p01 = madd(splat<T>(0.5 * 0.21697935461997986), t, splat<T>(0.5 * 0.21722109615802765));
+  const T p23 = madd(splat<T>(0.5 * 0.15041697025299072), t, splat<T>(0.5 * 0.20392358303070068));
+  const T p45 = madd(splat<T>(0.5 * -0.10810547322034836), t, splat<T>(0.5 * 0.19775272905826569));
+  const T p67 = madd(splat<T>(0.5 * -0.23977838456630707), t, splat<T>(0.5 * 0.30498605966567993));
+  const T p03 = madd(p23, t2, p01);
+  const T p47 = madd(p67, t2, p45);
+  const T p = madd(madd(splat<T>(0.5 * 0.05660410225391388), t4, p47), t4, p03);
   const T q = e * t * p;
   if (density != nullptr) *density = splat<T>(kInvSqrt2Pi) * e;
   return select(ge(x, splat<T>(0)), splat<T>(1) - q, q);

@@ -68,10 +68,13 @@ inline VecF normal_cdf(VecF x, VecF* density) { return am::normal_cdf_f32(x, den
 #if TWSL_CPU_ISA_LEVEL >= 2
 // The hardware estimate (relative error 2^-14) and one Newton step
 // r + r (1 - d r): within an ulp of 1 / d for normal d, without the divider
-// (vdivps alone would bound a vector's cost here).
+// (vdivps alone would bound a vector's cost here). d is first capped at the
+// largest float (vminps returns its second operand, d, when d is NaN), so
+// d = inf gives 0 rather than the Newton step's inf * 0.
 inline VecF reciprocal_ge1(VecF d) {
-  const __m512 r = _mm512_rcp14_ps(d.v);
-  return {_mm512_fmadd_ps(r, _mm512_fnmadd_ps(d.v, r, _mm512_set1_ps(1.0f)), r)};
+  const __m512 dc = _mm512_min_ps(_mm512_set1_ps(3.40282347e38f), d.v);
+  const __m512 r = _mm512_rcp14_ps(dc);
+  return {_mm512_fmadd_ps(r, _mm512_fnmadd_ps(dc, r, _mm512_set1_ps(1.0f)), r)};
 }
 #elif TWSL_CPU_ISA_LEVEL >= 1
 // AVX2's estimate has 12 bits; refining it to float accuracy takes two
