@@ -60,7 +60,11 @@ template <typename T>
 TWSL_HOST_DEVICE T madd(T a, T b, T c) {
   if constexpr (std::is_arithmetic_v<T>) {
 #if defined(__CUDA_ARCH__)
-    return ::fma(a, b, c);
+    if constexpr (std::is_same_v<T, float>) {
+      return ::fmaf(a, b, c);
+    } else {
+      return ::fma(a, b, c);
+    }
 #else
     return std::fma(a, b, c);
 #endif
