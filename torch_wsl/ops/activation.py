@@ -168,12 +168,12 @@ def _gelu_mul_packed_backward_fake(grad_output, gate_up, approximate="none"):
 
 def _setup_pair(ctx, inputs, output):
     gate, up = inputs[0], inputs[1]
-    ctx.approximate = inputs[2] if len(inputs) > 2 else None
+    ctx.approximate = inputs[2] if len(inputs) > 2 else "none"  # gelu_mul's; silu_mul has none
     ctx.save_for_backward(gate, up)
 
 
 def _setup_packed(ctx, inputs, output):
-    ctx.approximate = inputs[1] if len(inputs) > 1 else None
+    ctx.approximate = inputs[1] if len(inputs) > 1 else "none"
     ctx.save_for_backward(inputs[0])
 
 
