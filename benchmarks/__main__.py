@@ -1,13 +1,19 @@
-"""python -m benchmarks [--suite norm] [--sizes 4096x4096,1024x4096] [--dtypes fp32,bf16] [--device cpu]
+"""python -m benchmarks [--suite norm] [--sizes 4096x4096,1024x4096] [--dtypes fp32,bf16] [--device cpu] [--rounds 10]
 
 Runs torch_wsl against eager PyTorch and torch.compile, prints a table and
 writes JSON (benchmarks/results/latest.json unless --out is given).
+
+The contenders of a case, and the roofline triad, are timed interleaved in
+--rounds rounds (see benchmarks/harness.py): speedups over the case's
+baseline and roofline fractions are medians of per-round ratios, which the
+machine's drifting memory bandwidth moves far less than it moves the times.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -31,6 +37,10 @@ from . import harness  # noqa: E402
 from .suites import SUITES  # noqa: E402
 
 
+#: Rounds per case under --quick.
+QUICK_ROUNDS = 5
+
+
 def _csv(value: str) -> list[str]:
     return [v for v in value.split(",") if v]
 
@@ -46,10 +56,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--modes", type=_csv, default=None, help="fwd,fwd+bwd (suite default if omitted)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile contender")
-    p.add_argument("--reps", type=int, default=15, help="timed calls per contender (at least)")
-    p.add_argument("--min-seconds", type=float, default=0.3, help="minimum timed seconds per contender")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="small sizes and few reps: a smoke run")
+    p.add_argument("--reps", type=int, default=15, help="timed calls per contender (at least, over all rounds)")
+    p.add_argument("--min-seconds", type=float, default=0.3, help="minimum timed seconds per contender (over all rounds)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls of every contender before the rounds")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"interleaved rounds per case: each runs every contender and the triad, in rotating order "
+        f"(default {harness.ROUNDS}; {QUICK_ROUNDS} with --quick)",
+    )
+    p.add_argument(
+        "--round-warmup", type=int, default=1, help="untimed calls at the start of each contender's burst in a round"
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes, few reps and rounds: a smoke run")
     p.add_argument(
         "--allocator",
         choices=["warm-heap", "system"],
@@ -64,6 +84,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.quick:
         args.sizes = args.sizes or ["256x1024"]
         args.reps, args.min_seconds, args.warmup = 3, 0.0, 1
+    if args.rounds is None:
+        args.rounds = QUICK_ROUNDS if args.quick else harness.ROUNDS
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     return args
 
 
@@ -80,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # plain output without rich
         Console = None  # type: ignore[assignment]
 
-    roofline = harness.measure_triad(args.device)
+    # The triad's arrays stay allocated: each case runs it again in its rounds.
+    triad = harness.Triad(args.device)
+    roofline = triad.measure(min_seconds=0.1 if args.quick else 0.5)
     roofline["allocator"] = args.allocator
     print(
         f"roofline ({roofline['kernel']}, {roofline['threads']} threads): "
@@ -107,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     results: list[harness.Result] = []
 
     def run(case):
-        return harness.run_case(case, roofline["best_gbps"], args.warmup, args.reps, args.min_seconds)
+        return harness.run_case(
+            case, triad, args.warmup, args.reps, args.min_seconds, rounds=args.rounds, round_warmup=args.round_warmup
+        )
 
     if not all_cases:
         pass
@@ -118,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 progress.update(task, description=f"{case.op} {case.mode} {case.dtype} {case.shape}")
                 results.extend(run(case))
                 progress.advance(task)
-        table = Table(title=f"torch_wsl benchmarks on {args.device} (roofline {roofline['best_gbps']:.1f} GB/s)")
+        table = Table(title=f"torch_wsl benchmarks on {args.device}: {args.rounds} interleaved rounds per case; "
+                      f"roofline = the triad in the same rounds ({roofline['best_gbps']:.1f} GB/s best at start)")
         for h in harness.TABLE_HEADER:
             table.add_column(h, justify="right" if h not in ("op", "mode", "contender") else "left")
         for row in harness.format_table(results):
@@ -132,8 +161,26 @@ def main(argv: list[str] | None = None) -> int:
         for row in harness.format_table(results):
             print(" | ".join(row))
 
+    in_round = [r.roofline_gbps for r in {(r.suite, r.op, r.mode, r.dtype, tuple(r.shape)): r for r in results}.values()
+                if r.roofline_gbps]
+    if in_round:
+        roofline["in_round_gbps"] = {"cases": len(in_round), "min": min(in_round), "max": max(in_round),
+                                     "median": statistics.median(in_round)}
+        print(f"triad in the cases' rounds: {min(in_round):.1f} to {max(in_round):.1f} GB/s "
+              f"(median {statistics.median(in_round):.1f}) over {len(in_round)} cases; "
+              f"speedups vs baseline are medians of per-round ratios (p25-p75 in parentheses)")
     results.extend(custom_results)
-    harness.write_json(args.out, harness.machine_info(args.device), roofline, results, ["python", "-m", "benchmarks", *argv])
+    timing = {
+        "rounds": args.rounds,
+        "round_warmup": args.round_warmup,
+        "warmup": args.warmup,
+        "reps": args.reps,
+        "min_seconds": args.min_seconds,
+        "order": "round r: the contenders then the triad, rotated by r // 2, reversed on odd rounds",
+    }
+    harness.write_json(
+        args.out, harness.machine_info(args.device), roofline, results, ["python", "-m", "benchmarks", *argv], timing
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -6,23 +6,41 @@ For each case and contender the harness reports: median time and spread
 itself (a STREAM-like triad), operators dispatched per call (the kernel
 launches a GPU would see; under WSL2 each one crosses the VM bus), and the
 peak memory allocated during one call.
+
+The contenders of a case are timed interleaved, in rounds: every round runs a
+short burst of each contender and of the triad, in an order that rotates and
+alternates from round to round. The machine's memory bandwidth drifts (the
+same triad has measured 37 to 101 GB/s on different runs of one VM), but within
+a round every member sees about the same machine, so the ratios are taken per
+round and their median reported: each contender's speedup over the case's
+baseline contender, and its fraction of the triad measured in the same round.
+Dispatched operators and peak memory are measured before the rounds, untimed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, TypeVar, Union
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-SCHEMA_VERSION = 1
+#: 2: per-round timing (rounds, round_ms), speedup_vs_baseline with its spread, the in-round roofline.
+SCHEMA_VERSION = 2
+
+T = TypeVar("T")
+
+#: Default number of interleaved rounds per case (--rounds).
+ROUNDS = 10
+#: The triad's name among a round's members (no contender may take it).
+_TRIAD = "(triad)"
 
 
 @dataclass
@@ -49,6 +67,18 @@ class Case:
     bytes_moved: int  # minimum DRAM traffic of one call, the same for every contender
     contenders: list  # list[Contender]
     device: str = "cpu"
+    #: Name of the contender every speedup is measured against; None: the first contender.
+    #: The suites name plain PyTorch (norm: "eager", optim: "torch foreach").
+    baseline: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.contenders]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.op}: contender names repeat: {names}")
+        if self.baseline is None and names:
+            self.baseline = names[0]
+        if names and self.baseline not in names:
+            raise ValueError(f"{self.op}: baseline {self.baseline!r} is not a contender ({', '.join(names)})")
 
 
 @dataclass
@@ -69,6 +99,20 @@ class Result:
     peak_memory_bytes: Optional[int]
     reps: int
     extra: dict = field(default_factory=dict)
+    # Interleaved timing (schema 2; the alloc suite's rows and schema-1 files leave these at their defaults).
+    #: Interleaved rounds the contender was timed in, and its per-call time in each (median of the round's burst).
+    rounds: int = 0
+    round_ms: list = field(default_factory=list)
+    #: The contender the speedup is against, and the median over rounds of
+    #: baseline_ms / this_ms in the same round (> 1: faster than the baseline) with its 25th-75th percentile.
+    baseline: Optional[str] = None
+    speedup_vs_baseline: Optional[float] = None
+    speedup_p25: Optional[float] = None
+    speedup_p75: Optional[float] = None
+    #: The roofline roofline_fraction is against: the triad measured in this case's rounds
+    #: (GB/s of its median call; roofline_fraction is the median over rounds of this round's
+    #: GB/s / this round's triad GB/s), or the fixed figure run_case was given.
+    roofline_gbps: Optional[float] = None
 
 
 def synchronize(device: str) -> None:
@@ -192,52 +236,150 @@ def peak_memory(fn: Callable[[], object], device: str) -> Optional[int]:
     return tracker.peak
 
 
-def measure_triad(device: str, mib: int = 256, reps: int = 10) -> dict:
+class Triad:
     """STREAM-like triad a = b + s*c over arrays far larger than the caches: the bandwidth roofline.
 
     Counts 3 arrays of traffic per element (2 reads, 1 write), as STREAM does.
-    On CPU it runs twice: torch.add(out=) (plain stores, what most kernels get)
-    and torch_wsl's triad with non-temporal stores (the best a kernel can get);
-    the roofline is the faster of the two.
+    On CPU there are two variants: torch.add(out=) (plain stores, what most
+    kernels get) and torch_wsl's triad with non-temporal stores (the best a
+    kernel can get); measure() times both and keeps the faster one, which is
+    what a call runs from then on (run_case runs it inside each case's rounds).
+    The arrays live as long as the object (3 x `mib` MiB).
     """
-    n = mib * (1 << 20) // 4
-    b = torch.rand(n, device=device)
-    c = torch.rand(n, device=device)
-    a = torch.empty_like(b)
-    bytes_moved = 3 * n * 4
-    variants = {"torch.add(out=)": lambda: torch.add(b, c, alpha=3.0, out=a)}
-    if device == "cpu":
-        try:
-            from torch_wsl import _C
 
-            variants["non-temporal stores"] = lambda: _C._stream_triad(
-                a.data_ptr(), b.data_ptr(), c.data_ptr(), 3.0, n, True
-            )
-        except (ImportError, RuntimeError):
-            pass
-    measured = {}
-    for name, fn in variants.items():
-        try:
-            times = time_calls(fn, device, warmup=2, reps=reps, min_seconds=0.5)
-        except RuntimeError:  # e.g. no AVX2 for the streaming variant
-            continue
-        measured[name] = {
-            "best_gbps": bytes_moved / min(times) / 1e9,
-            "median_gbps": bytes_moved / statistics.median(times) / 1e9,
+    def __init__(self, device: str, mib: int = 256) -> None:
+        self.device = device
+        self.mib = mib
+        n = mib * (1 << 20) // 4
+        self._b = torch.rand(n, device=device)
+        self._c = torch.rand(n, device=device)
+        self._a = torch.empty_like(self._b)
+        self.bytes_moved = 3 * n * 4
+        a, b, c = self._a, self._b, self._c
+        self.variants: dict[str, Callable[[], object]] = {"torch.add(out=)": lambda: torch.add(b, c, alpha=3.0, out=a)}
+        if device == "cpu":
+            try:
+                from torch_wsl import _C
+
+                self.variants["non-temporal stores"] = lambda: _C._stream_triad(
+                    a.data_ptr(), b.data_ptr(), c.data_ptr(), 3.0, n, True
+                )
+            except (ImportError, RuntimeError, AttributeError):
+                pass
+        self.variant = "torch.add(out=)"
+
+    def __call__(self) -> object:
+        return self.variants[self.variant]()
+
+    def measure(self, reps: int = 10, min_seconds: float = 0.5) -> dict:
+        measured = {}
+        for name, fn in self.variants.items():
+            try:
+                times = time_calls(fn, self.device, warmup=2, reps=reps, min_seconds=min_seconds)
+            except RuntimeError:  # e.g. no AVX2 for the streaming variant
+                continue
+            measured[name] = {
+                "best_gbps": self.bytes_moved / min(times) / 1e9,
+                "median_gbps": self.bytes_moved / statistics.median(times) / 1e9,
+            }
+        self.variant = max(measured, key=lambda k: measured[k]["best_gbps"])
+        return {
+            "kernel": f"triad a = b + s*c, float32, {self.variant}",
+            "array_mib": self.mib,
+            "threads": torch.get_num_threads(),
+            "best_gbps": measured[self.variant]["best_gbps"],
+            "median_gbps": measured[self.variant]["median_gbps"],
+            "variants": measured,
         }
-    best_name = max(measured, key=lambda k: measured[k]["best_gbps"])
-    return {
-        "kernel": f"triad a = b + s*c, float32, {best_name}",
-        "array_mib": mib,
-        "threads": torch.get_num_threads(),
-        "best_gbps": measured[best_name]["best_gbps"],
-        "median_gbps": measured[best_name]["median_gbps"],
-        "variants": measured,
-    }
 
 
-def run_case(case: Case, roofline_gbps: float, warmup: int, reps: int, min_seconds: float) -> list[Result]:
-    results = []
+def measure_triad(device: str, mib: int = 256, reps: int = 10) -> dict:
+    """The triad (see Triad) measured once: its best and median GB/s."""
+    return Triad(device, mib).measure(reps)
+
+
+def round_order(members: Sequence[T], r: int) -> list[T]:
+    """The order of round r: the members rotated by r // 2, reversed on odd rounds.
+
+    Over 2 * len(members) rounds every member runs first, and last, equally
+    often, and each one runs both right before and right after its neighbours.
+    """
+    k = (r // 2) % len(members) if members else 0
+    order = list(members[k:]) + list(members[:k])
+    return order[::-1] if r % 2 else order
+
+
+def _quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile)."""
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4)
+    return q[0], statistics.median(xs), q[2]
+
+
+def round_ratios(num_ms: Sequence[float], den_ms: Sequence[float]) -> Optional[tuple[float, float, float]]:
+    """(p25, median, p75) over rounds of num_ms[r] / den_ms[r]; None without matching rounds."""
+    if not num_ms or len(num_ms) != len(den_ms) or any(d <= 0 for d in den_ms):
+        return None
+    return _quartiles([n / d for n, d in zip(num_ms, den_ms)])
+
+
+def _burst(
+    fn: Callable[[], object], device: str, calls: int, max_calls: int, seconds: float, lead: int, clock: Callable[[], float]
+) -> list[float]:
+    """One member's turn in a round: `lead` untimed calls (the caches the previous member
+    evicted), then per-call times of at least `calls` calls and `seconds`, at most `max_calls`."""
+    for _ in range(lead):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    start = clock()
+    while len(times) < calls or (clock() - start) < seconds:
+        t0 = clock()
+        fn()
+        synchronize(device)
+        times.append(clock() - t0)
+        if len(times) >= max_calls:
+            break
+    return times
+
+
+def run_case(
+    case: Case,
+    roofline: Union[Triad, float, None],
+    warmup: int,
+    reps: int,
+    min_seconds: float,
+    rounds: int = ROUNDS,
+    round_warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+    on_round: Optional[Callable[[int, list[str]], None]] = None,
+) -> list[Result]:
+    """Time a case's contenders interleaved in `rounds` rounds.
+
+    First, per contender, untimed: one call (compilation, lazy init), the
+    operators it dispatches, its peak memory. Then `warmup` calls of every
+    contender, then the rounds: each runs every contender, and the triad when
+    `roofline` is one (anything with `bytes_moved` that runs on a call), in
+    round_order(). A contender's burst is `round_warmup` untimed calls, then at
+    least reps / rounds calls and min_seconds / rounds seconds (at most
+    20 * reps / rounds calls): over all rounds, at least `reps` calls and
+    `min_seconds`, as a contender timed alone would get. A number for `roofline`
+    is a fixed roofline in GB/s; None, no roofline.
+
+    `clock` gives seconds (tests feed a fake one); `on_round(r, names)` is told
+    each round's order before it runs.
+    """
+    rounds = max(1, rounds)
+    calls = max(1, math.ceil(reps / rounds))
+    max_calls = max(calls, math.ceil(20 * reps / rounds))
+    seconds = min_seconds / rounds
+    triad = roofline if (roofline is not None and not isinstance(roofline, (int, float))) else None
+    fixed_gbps = float(roofline) if isinstance(roofline, (int, float)) and roofline else None
+
+    if triad is not None and _TRIAD in (c.name for c in case.contenders):
+        raise ValueError(f"{case.op}: {_TRIAD!r} is the triad's name in the rounds")
+    untimed = {}
     for c in case.contenders:
         c.fn()  # first call: compilation, lazy init
         synchronize(case.device)
@@ -246,10 +388,51 @@ def run_case(case: Case, roofline_gbps: float, warmup: int, reps: int, min_secon
         else:
             ops, names = count_dispatched_ops(c.fn)
         mem = peak_memory(c.fn, case.device) if (c.dispatch_mode_ok or case.device != "cpu") else None
-        times = time_calls(c.fn, case.device, warmup, reps, min_seconds)
-        q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-        med = statistics.median(times)
+        untimed[c.name] = (ops, names, mem)
+
+    members: list[tuple[str, Callable[[], object], int]] = [(c.name, c.fn, round_warmup) for c in case.contenders]
+    if triad is not None:
+        # Its arrays dwarf any cache: no untimed lead calls.
+        members.append((_TRIAD, triad, 0))
+    for _, fn, _lead in members:
+        for _ in range(warmup if fn is not triad else 1):
+            fn()
+    synchronize(case.device)
+
+    per_round: dict[str, list[list[float]]] = {name: [] for name, _, _ in members}
+    for r in range(rounds):
+        order = round_order(members, r)
+        if on_round is not None:
+            on_round(r, [name for name, _, _ in order])
+        for name, fn, lead in order:
+            per_round[name].append(_burst(fn, case.device, calls, max_calls, seconds, lead, clock))
+
+    def round_ms(name: str) -> list[float]:
+        return [statistics.median(t) * 1e3 for t in per_round[name]]
+
+    base_ms = round_ms(case.baseline)
+    triad_ms = round_ms(_TRIAD) if triad is not None else []
+    triad_gbps = None
+    if triad is not None:
+        triad_gbps = triad.bytes_moved / statistics.median([x for t in per_round[_TRIAD] for x in t]) / 1e9
+
+    results = []
+    for c in case.contenders:
+        ops, names, mem = untimed[c.name]
+        times = [x for t in per_round[c.name] for x in t]
+        p25, med, p75 = _quartiles(times)
         gbps = case.bytes_moved / med / 1e9
+        mine = round_ms(c.name)
+        sp = round_ratios(base_ms, mine)
+        if triad is not None:
+            # Per round: (bytes / my time) / (triad bytes / triad time).
+            frac = round_ratios([t * case.bytes_moved for t in triad_ms], [m * triad.bytes_moved for m in mine])
+            fraction = frac[1] if frac else 0.0
+        else:
+            fraction = gbps / fixed_gbps if fixed_gbps else 0.0
+        extra: dict = {"ops": names} if names else {}
+        if triad is not None:
+            extra["triad_round_gbps"] = [triad.bytes_moved / t / 1e6 for t in triad_ms]
         results.append(
             Result(
                 suite=case.suite,
@@ -260,14 +443,21 @@ def run_case(case: Case, roofline_gbps: float, warmup: int, reps: int, min_secon
                 device=case.device,
                 contender=c.name,
                 median_ms=med * 1e3,
-                p25_ms=q[0] * 1e3,
-                p75_ms=q[2] * 1e3,
+                p25_ms=p25 * 1e3,
+                p75_ms=p75 * 1e3,
                 gbps=gbps,
-                roofline_fraction=gbps / roofline_gbps if roofline_gbps else 0.0,
+                roofline_fraction=fraction,
                 dispatched_ops=ops,
                 peak_memory_bytes=mem,
                 reps=len(times),
-                extra={"ops": names} if names else {},
+                extra=extra,
+                rounds=rounds,
+                round_ms=mine,
+                baseline=case.baseline,
+                speedup_vs_baseline=sp[1] if sp else None,
+                speedup_p25=sp[0] if sp else None,
+                speedup_p75=sp[2] if sp else None,
+                roofline_gbps=triad_gbps if triad is not None else fixed_gbps,
             )
         )
     return results
@@ -303,7 +493,9 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def write_json(path: Path, machine: dict, roofline: dict, results: list[Result], argv: list[str]) -> None:
+def write_json(
+    path: Path, machine: dict, roofline: dict, results: list[Result], argv: list[str], timing: Optional[dict] = None
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "schema_version": SCHEMA_VERSION,
@@ -311,13 +503,30 @@ def write_json(path: Path, machine: dict, roofline: dict, results: list[Result],
         "command": argv,
         "machine": machine,
         "roofline": roofline,
+        "timing": timing or {},
         "results": [dataclasses.asdict(r) for r in results],
     }
     path.write_text(json.dumps(doc, indent=2))
 
 
+def result_from_dict(d: dict) -> Result:
+    """A Result from its JSON form (any schema version: unknown keys are dropped, missing ones defaulted)."""
+    known = {f.name for f in dataclasses.fields(Result)}
+    return Result(**{k: v for k, v in d.items() if k in known})
+
+
+def _speedup_cell(r: Result) -> str:
+    if r.speedup_vs_baseline is None:
+        return ""
+    if r.contender == r.baseline:
+        return "baseline"
+    return f"{r.speedup_vs_baseline:.2f}x ({r.speedup_p25:.2f}-{r.speedup_p75:.2f})"
+
+
 def format_table(results: list[Result]) -> list[list[str]]:
-    """Rows with speedups of torch_wsl over each other contender of the same case."""
+    """One row per contender: its speedup over the case's baseline (median over rounds and
+    25th-75th percentile) and torch_wsl's speedup over it (median over rounds of the
+    per-round ratio; the ratio of the medians for rows without rounds)."""
     rows = []
     by_case: dict[tuple, dict[str, Result]] = {}
     for r in results:
@@ -325,7 +534,10 @@ def format_table(results: list[Result]) -> list[list[str]]:
     for key, group in by_case.items():
         ours = group.get("torch_wsl")
         for name, r in group.items():
-            speedup = f"{r.median_ms / ours.median_ms:.2f}x" if ours and name != "torch_wsl" else ""
+            speedup = ""
+            if ours and name != "torch_wsl":
+                ratio = round_ratios(r.round_ms, ours.round_ms)
+                speedup = f"{ratio[1] if ratio else r.median_ms / ours.median_ms:.2f}x"
             rows.append(
                 [
                     r.op,
@@ -337,8 +549,10 @@ def format_table(results: list[Result]) -> list[list[str]]:
                     f"{r.p25_ms:.3f}-{r.p75_ms:.3f}",
                     f"{r.gbps:.1f}",
                     f"{100 * r.roofline_fraction:.0f}%",
+                    "" if r.roofline_gbps is None else f"{r.roofline_gbps:.1f}",
                     "" if r.dispatched_ops is None else str(r.dispatched_ops),
                     "" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}",
+                    _speedup_cell(r),
                     speedup,
                 ]
             )
@@ -346,6 +560,6 @@ def format_table(results: list[Result]) -> list[list[str]]:
 
 
 TABLE_HEADER = [
-    "op", "mode", "dtype", "shape", "contender", "median ms", "p25-p75 ms", "GB/s", "roofline",
-    "ops/call", "peak MiB", "torch_wsl speedup",
+    "op", "mode", "dtype", "shape", "contender", "median ms", "p25-p75 ms", "GB/s", "roofline", "triad GB/s",
+    "ops/call", "peak MiB", "vs baseline (p25-p75)", "torch_wsl speedup",
 ]

@@ -6,18 +6,31 @@ import json
 import sys
 from pathlib import Path
 
-from .harness import TABLE_HEADER, Result, format_table
+from .harness import TABLE_HEADER, format_table, result_from_dict
 
 
 def markdown(path: Path) -> str:
     doc = json.loads(path.read_text())
-    results = [Result(**r) for r in doc["results"]]
+    results = [result_from_dict(r) for r in doc["results"]]
     roof = doc["roofline"]
     lines = [
         f"Roofline: {roof['best_gbps']:.1f} GB/s ({roof['kernel']}, {roof['threads']} threads); "
         f"allocator: {roof.get('allocator', 'system')}; machine: {doc['machine'].get('processor')}, "
         f"torch {doc['machine'].get('torch')}; command: `{' '.join(doc['command'])}`",
         "",
+    ]
+    rounds = doc.get("timing", {}).get("rounds")
+    if rounds:
+        in_round = roof.get("in_round_gbps")
+        lines += [
+            f"Contenders and the triad timed interleaved, {rounds} rounds per case; speedup vs baseline: median "
+            "(25th-75th percentile) over rounds of baseline time / contender time in the same round; roofline: "
+            "the same per-round ratio against the triad"
+            + (f" (triad in the rounds: {in_round['min']:.1f} to {in_round['max']:.1f} GB/s)" if in_round else "")
+            + ".",
+            "",
+        ]
+    lines += [
         "| " + " | ".join(TABLE_HEADER) + " |",
         "|" + "---|" * len(TABLE_HEADER),
     ]

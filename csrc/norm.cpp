@@ -17,12 +17,13 @@ namespace {
 // weight / bias: shape normalized_shape, any floating dtype. Returned contiguous,
 // in input's dtype or the accumulation type (converted if it was neither).
 Tensor prepare_param(const char* op, const char* name, const Tensor& p, at::IntArrayRef normalized_shape,
-                     const Tensor& input) {
+                     const Tensor& input, double offset = 0.0) {
   check::same_device(op, name, p, "input", input);
   check::floating(op, name, p);
   check::that(p.sizes() == normalized_shape, op, name, c10::str("to have shape normalized_shape ", normalized_shape),
               p.sizes());
   const at::ScalarType acc = acc_scalar_type(input.scalar_type());
+  if (offset != 0.0) return p.to(acc).add(offset).contiguous();  // added in the accumulation type, as Gemma does
   Tensor out = p;
   if (p.scalar_type() != input.scalar_type() && p.scalar_type() != acc) out = p.to(acc);
   return out.contiguous();
@@ -57,11 +58,11 @@ RowsCols check_input_shape(const char* op, const Tensor& input, at::IntArrayRef 
 
 NormForward prepare_norm_forward(const char* op, bool center, const Tensor& input, const OptTensor& residual,
                                  at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
-                                 std::optional<double> eps) {
+                                 std::optional<double> eps, RmsOptions rms) {
   const RowsCols rc = check_input_shape(op, input, normalized_shape);
   if (residual) check::like(op, "residual", *residual, "input", input);
   NormForward p;
-  if (weight) p.weight = prepare_param(op, "weight", *weight, normalized_shape, input);
+  if (weight) p.weight = prepare_param(op, "weight", *weight, normalized_shape, input, rms.offset);
   if (bias) p.bias = prepare_param(op, "bias", *bias, normalized_shape, input);
   const at::ScalarType acc = acc_scalar_type(input.scalar_type());
   if (eps) {
@@ -76,6 +77,7 @@ NormForward prepare_norm_forward(const char* op, bool center, const Tensor& inpu
   p.rows = rc.rows;
   p.cols = rc.cols;
   p.center = center;
+  p.round_xhat = rms.round_xhat;
   const auto opts = input.options().memory_format(at::MemoryFormat::Contiguous);
   p.output = at::empty(input.sizes(), opts);
   if (residual) p.residual_out = at::empty(input.sizes(), opts);
@@ -88,7 +90,8 @@ NormForward prepare_norm_forward(const char* op, bool center, const Tensor& inpu
 NormBackward prepare_norm_backward(const char* op, bool center, const Tensor& grad_output,
                                    const OptTensor& grad_residual_out, const Tensor& input,
                                    at::IntArrayRef normalized_shape, const OptTensor& mean, const Tensor& rstd,
-                                   const OptTensor& weight, bool want_grad_weight, bool want_grad_bias) {
+                                   const OptTensor& weight, bool want_grad_weight, bool want_grad_bias,
+                                   RmsOptions rms) {
   const RowsCols rc = check_input_shape(op, input, normalized_shape);
   check::like(op, "grad_output", grad_output, "input", input);
   if (grad_residual_out) check::like(op, "grad_residual_out", *grad_residual_out, "input", input);
@@ -107,7 +110,7 @@ NormBackward prepare_norm_backward(const char* op, bool center, const Tensor& gr
   }
   check_stat("rstd", rstd);
   p.rstd = rstd.contiguous();
-  if (weight) p.weight = prepare_param(op, "weight", *weight, normalized_shape, input);
+  if (weight) p.weight = prepare_param(op, "weight", *weight, normalized_shape, input, rms.offset);
 
   p.grad_output = grad_output.contiguous();
   if (grad_residual_out) p.grad_residual_out = grad_residual_out->contiguous();
@@ -115,11 +118,23 @@ NormBackward prepare_norm_backward(const char* op, bool center, const Tensor& gr
   p.rows = rc.rows;
   p.cols = rc.cols;
   p.center = center;
+  p.round_xhat = rms.round_xhat;
   p.grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
   const auto acc_opts = input.options().dtype(acc);
   if (want_grad_weight) p.grad_weight = at::empty({rc.cols}, acc_opts);
   if (want_grad_bias) p.grad_bias = at::empty({rc.cols}, acc_opts);
   return p;
+}
+
+RmsOptions parse_rms_options(const char* op, double offset, c10::string_view casting_mode, const OptTensor& weight) {
+  RmsOptions o;
+  check::that(casting_mode == "torch" || casting_mode == "gemma" || casting_mode == "llama", op, "casting_mode",
+              "to be one of 'torch', 'gemma', 'llama'", "'", casting_mode, "'");
+  check::that(offset == 0.0 || weight.has_value(), op, "weight", c10::str("to be given with offset ", offset),
+              "None");
+  o.offset = offset;
+  o.round_xhat = casting_mode == "llama";
+  return o;
 }
 
 Tensor finish_param_grad(const Tensor& grad_acc, const OptTensor& param, const Tensor& input) {
@@ -156,6 +171,7 @@ struct CpuNormBackend {
     a.cols = p.cols;
     a.eps = p.eps;
     a.center = p.center;
+    a.round_xhat = p.round_xhat;
     a.dtype = p.input.scalar_type();
     cpu::norm_kernels().forward(a);
   }
@@ -181,6 +197,7 @@ struct CpuNormBackend {
     a.rows = p.rows;
     a.cols = p.cols;
     a.center = p.center;
+    a.round_xhat = p.round_xhat;
     a.dtype = p.input.scalar_type();
     cpu::norm_kernels().backward(a);
   }
@@ -200,14 +217,15 @@ TORCH_LIBRARY_FRAGMENT(torch_wsl, m) {
       "Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, bool[2] output_mask)"
       " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   m.def(
-      "rms_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, float? eps=None)"
-      " -> (Tensor output, Tensor rstd)");
+      "rms_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, float? eps=None, float offset=0., "
+      "str casting_mode=\"torch\") -> (Tensor output, Tensor rstd)");
   m.def(
-      "add_rms_norm(Tensor input, Tensor residual, SymInt[] normalized_shape, Tensor? weight=None, float? eps=None)"
-      " -> (Tensor output, Tensor residual_out, Tensor rstd)");
+      "add_rms_norm(Tensor input, Tensor residual, SymInt[] normalized_shape, Tensor? weight=None, float? eps=None, "
+      "float offset=0., str casting_mode=\"torch\") -> (Tensor output, Tensor residual_out, Tensor rstd)");
   m.def(
       "rms_norm_backward(Tensor grad_output, Tensor? grad_residual_out, Tensor input, SymInt[] normalized_shape, "
-      "Tensor rstd, Tensor? weight, bool weight_grad) -> (Tensor grad_input, Tensor grad_weight)");
+      "Tensor rstd, Tensor? weight, bool weight_grad, float offset=0., str casting_mode=\"torch\")"
+      " -> (Tensor grad_input, Tensor grad_weight)");
 }
 
 TORCH_LIBRARY_IMPL(torch_wsl, CPU, m) { register_norm_kernels<CpuNormBackend>(m); }

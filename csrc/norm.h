@@ -30,6 +30,7 @@ struct NormForward {
   int64_t cols = 0;
   double eps = 0.0;
   bool center = true;
+  bool round_xhat = false;  // RMSNorm casting_mode "llama"
 };
 
 struct NormBackward {
@@ -45,15 +46,28 @@ struct NormBackward {
   int64_t rows = 0;
   int64_t cols = 0;
   bool center = true;
+  bool round_xhat = false;  // RMSNorm casting_mode "llama"
 };
+
+// RMSNorm's weight options (LayerNorm takes the defaults): `offset` is added to
+// the weight (Gemma's x̂ * (1 + w) is offset 1), and casting_mode says where
+// the result is rounded: "torch" (torch.nn.functional.rms_norm) and "gemma"
+// compute in float32 and round once; "llama" (Llama, Mistral, Qwen) rounds x̂
+// to the input's dtype before the weight multiplies it.
+struct RmsOptions {
+  double offset = 0.0;
+  bool round_xhat = false;
+};
+RmsOptions parse_rms_options(const char* op, double offset, c10::string_view casting_mode, const OptTensor& weight);
 
 NormForward prepare_norm_forward(const char* op, bool center, const Tensor& input, const OptTensor& residual,
                                  at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
-                                 std::optional<double> eps);
+                                 std::optional<double> eps, RmsOptions rms = {});
 NormBackward prepare_norm_backward(const char* op, bool center, const Tensor& grad_output,
                                    const OptTensor& grad_residual_out, const Tensor& input,
                                    at::IntArrayRef normalized_shape, const OptTensor& mean, const Tensor& rstd,
-                                   const OptTensor& weight, bool want_grad_weight, bool want_grad_bias);
+                                   const OptTensor& weight, bool want_grad_weight, bool want_grad_bias,
+                                   RmsOptions rms = {});
 // A weight/bias gradient in the parameter's dtype and shape; when it was not
 // computed, an empty [0] tensor with input's dtype and device.
 Tensor finish_param_grad(const Tensor& grad_acc, const OptTensor& param, const Tensor& input);
@@ -85,22 +99,28 @@ void register_norm_kernels(torch::Library& m) {
            return std::make_tuple(p.grad_input, finish_param_grad(p.grad_weight, weight, input),
                                   finish_param_grad(p.grad_bias, bias, input));
          });
-  m.impl("rms_norm", [](const Tensor& input, at::IntArrayRef shape, const OptTensor& weight, std::optional<double> eps) {
-    NormForward p = prepare_norm_forward("rms_norm", false, input, std::nullopt, shape, weight, std::nullopt, eps);
+  m.impl("rms_norm", [](const Tensor& input, at::IntArrayRef shape, const OptTensor& weight, std::optional<double> eps,
+                        double offset, c10::string_view casting_mode) {
+    const RmsOptions rms = parse_rms_options("rms_norm", offset, casting_mode, weight);
+    NormForward p = prepare_norm_forward("rms_norm", false, input, std::nullopt, shape, weight, std::nullopt, eps, rms);
     Backend::forward(p);
     return std::make_tuple(p.output, p.rstd);
   });
   m.impl("add_rms_norm", [](const Tensor& input, const Tensor& residual, at::IntArrayRef shape,
-                            const OptTensor& weight, std::optional<double> eps) {
-    NormForward p = prepare_norm_forward("add_rms_norm", false, input, residual, shape, weight, std::nullopt, eps);
+                            const OptTensor& weight, std::optional<double> eps, double offset,
+                            c10::string_view casting_mode) {
+    const RmsOptions rms = parse_rms_options("add_rms_norm", offset, casting_mode, weight);
+    NormForward p =
+        prepare_norm_forward("add_rms_norm", false, input, residual, shape, weight, std::nullopt, eps, rms);
     Backend::forward(p);
     return std::make_tuple(p.output, p.residual_out, p.rstd);
   });
   m.impl("rms_norm_backward", [](const Tensor& grad_output, const OptTensor& grad_residual_out, const Tensor& input,
                                  at::IntArrayRef shape, const Tensor& rstd, const OptTensor& weight,
-                                 bool weight_grad) {
+                                 bool weight_grad, double offset, c10::string_view casting_mode) {
+    const RmsOptions rms = parse_rms_options("rms_norm_backward", offset, casting_mode, weight);
     NormBackward p = prepare_norm_backward("rms_norm_backward", false, grad_output, grad_residual_out, input, shape,
-                                           std::nullopt, rstd, weight, weight_grad && weight.has_value(), false);
+                                           std::nullopt, rstd, weight, weight_grad && weight.has_value(), false, rms);
     Backend::backward(p);
     return std::make_tuple(p.grad_input, finish_param_grad(p.grad_weight, weight, input));
   });

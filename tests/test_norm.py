@@ -423,3 +423,111 @@ def test_gradient_when_only_one_output_is_used(kind):
     want = torch.autograd.grad(ref_out.square().sum(), [x, r, w])
     for g, ref in zip(got, want):
         torch.testing.assert_close(g.double(), ref.double(), **tol(torch.float32, scale=4.0))
+
+
+# ------------------------------------------------------------------ RMSNorm as Hugging Face models compute it
+
+
+def _hf_rms_norm(family: str, dim: int, dtype, device):
+    """A transformers RMSNorm module of `family` with random weights in `dtype`."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    cls = {"llama": LlamaRMSNorm, "qwen2": Qwen2RMSNorm, "gemma": GemmaRMSNorm}[family]
+    m = cls(dim, eps=1e-6).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(dim, dtype=torch.float64).mul(0.5).add(0 if family == "gemma" else 1))
+    return m
+
+
+_HF_MODES = {"llama": dict(casting_mode="llama"), "qwen2": dict(casting_mode="llama"),
+             "gemma": dict(offset=1.0, casting_mode="gemma")}
+
+
+def _ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in units in the last place of a's dtype (both finite, same dtype)."""
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[a.dtype]
+    ia, ib = a.view(bits).long(), b.view(bits).long()
+    # Map sign-magnitude to a monotonic integer line.
+    top = 1 << (8 * a.element_size() - 1)
+    ia = torch.where(ia < 0, -(ia + top), ia)
+    ib = torch.where(ib < 0, -(ib + top), ib)
+    return (ia - ib).abs()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", TRAIN_DTYPES)
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("cols", [7, 769, 4096])
+def test_rms_norm_matches_hf_modules_to_one_ulp(device, dtype, family, cols):
+    torch.manual_seed(0)
+    m = _hf_rms_norm(family, cols, dtype, device)
+    x = torch.randn(33, cols, device=device, dtype=dtype) * 3
+    want = m(x)
+    got = TF.rms_norm(x, (cols,), m.weight, 1e-6, **_HF_MODES[family])
+    assert got.dtype == want.dtype
+    _assert_ulps(got, want, family)
+
+
+def _assert_ulps(got, want, family):
+    """bf16/fp16: the float32 row statistic differs from torch's by float32 ulps (summation order, rsqrt), so a
+    rounding rarely falls the other way: one ulp, or two for llama's two roundings (x̂, then x̂ * w). float32
+    results carry those few float32 ulps themselves (up to 8 for long rows)."""
+    ulps = _ulps_apart(got, want)
+    if got.dtype == torch.float32:
+        limit, share = 8, 1.0
+    else:
+        limit, share = (2 if family in ("llama", "qwen2") else 1), 0.02
+    assert ulps.max() <= limit, f"max {ulps.max().item()} ulp"
+    assert (ulps > 0).float().mean() <= share, f"{(ulps > 0).float().mean().item():.3%} of elements differ"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_casting_modes_differ_where_the_models_differ(family):
+    """The modes are not the same computation: in bf16, llama's early rounding changes results."""
+    torch.manual_seed(0)
+    m = _hf_rms_norm(family, 1024, torch.bfloat16, "cpu")
+    x = torch.randn(64, 1024, dtype=torch.bfloat16)
+    other = {"llama": dict(casting_mode="torch"), "gemma": dict(offset=1.0, casting_mode="llama")}[family]
+    assert not torch.equal(TF.rms_norm(x, (1024,), m.weight, 1e-6, **other), m(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_rms_norm_modes_gradients_match_hf(device, family):
+    torch.manual_seed(0)
+    m = _hf_rms_norm(family, 96, torch.float32, device)
+    x = torch.randn(10, 96, device=device, requires_grad=True)
+    go = torch.randn(10, 96, device=device)
+    (m(x) * go).sum().backward()
+    want_x, want_w = x.grad.clone(), m.weight.grad.clone()
+    x.grad = None
+    m.weight.grad = None
+    (TF.rms_norm(x, (96,), m.weight, 1e-6, **_HF_MODES[family]) * go).sum().backward()
+    torch.testing.assert_close(x.grad, want_x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.weight.grad, want_w, atol=1e-4, rtol=1e-5)
+
+
+def test_llama_mode_with_float32_weight_promotes_like_transformers():
+    """Mixed precision: a float32 weight on bfloat16 activations gives float32, as LlamaRMSNorm does."""
+    torch.manual_seed(0)
+    m = _hf_rms_norm("llama", 256, torch.float32, "cpu")
+    x = torch.randn(8, 256, dtype=torch.bfloat16, requires_grad=True)
+    want = m(x)
+    got = TF.rms_norm(x, (256,), m.weight, 1e-6, casting_mode="llama")
+    assert got.dtype == torch.float32
+    _assert_ulps(got, want, "llama")
+    got.sum().backward()
+    assert x.grad is not None and m.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", TRAIN_DTYPES)
+def test_add_rms_norm_llama_mode_matches_hf_after_the_add(dtype):
+    torch.manual_seed(0)
+    m = _hf_rms_norm("llama", 512, dtype, "cpu")
+    x = torch.randn(16, 512, dtype=dtype)
+    r = torch.randn(16, 512, dtype=dtype)
+    out, res = TF.add_rms_norm(x, r, (512,), m.weight, 1e-6, casting_mode="llama")
+    assert torch.equal(res, x + r)
+    _assert_ulps(out, m(x + r), "llama")

@@ -130,4 +130,5 @@ def _case(op, m, n, dname, dtype, mode, device, with_compile) -> Case:
         bytes_moved=_bytes(op, mode, m * n, x.element_size()),
         contenders=contenders,
         device=device,
+        baseline="eager",
     )

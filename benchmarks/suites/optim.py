@@ -137,4 +137,6 @@ def cases(args) -> Iterator[Case]:
                     bytes_moved=_TRAFFIC[op] * numel * params[0].element_size(),
                     contenders=contenders,
                     device=device,
+                    # torch.optim's default on CUDA (on CPU its default is a per-tensor loop, not timed here).
+                    baseline="torch foreach",
                 )

@@ -29,6 +29,7 @@ struct NormForwardArgs {
   int64_t cols = 0;
   double eps = 0.0;
   bool center = true;              // LayerNorm (true) or RMSNorm (false)
+  bool round_xhat = false;         // the normalized row rounded to dtype before the weight (casting_mode "llama")
   c10::ScalarType dtype = c10::ScalarType::Float;
 };
 
@@ -45,6 +46,7 @@ struct NormBackwardArgs {
   int64_t rows = 0;
   int64_t cols = 0;
   bool center = true;
+  bool round_xhat = false;                  // as the forward's: dw sums dy * (xhat rounded to dtype)
   c10::ScalarType dtype = c10::ScalarType::Float;
 };
 

@@ -43,6 +43,7 @@ void forward_rows(const NormForwardArgs& a, int64_t begin, int64_t end, bool str
   auto* rstd_out = static_cast<acc_t*>(a.rstd);
   const auto eps = static_cast<acc_t>(a.eps);
   const bool center = a.center;
+  const bool round_xhat = a.round_xhat;
 
   // fp32/fp64 rows without a residual are read in place; other rows are formed
   // once into `buf`, which later passes read from L1/L2.
@@ -96,7 +97,8 @@ void forward_rows(const NormForwardArgs& a, int64_t begin, int64_t end, bool str
     // Pass 3 (cache in, DRAM out): y = affine(normalize(row)).
     for_each_lane<acc_t>(n, [&](auto tag, int64_t i) {
       using V = decltype(tag);
-      const V xhat = nm::normalize(V::load(row + i), V::broadcast(mean), V::broadcast(rstd));
+      V xhat = nm::normalize(V::load(row + i), V::broadcast(mean), V::broadcast(rstd));
+      if (round_xhat) xhat = xhat.template rounded<scalar_t>();
       const V wv = w != nullptr ? V::load(w + i) : V::broadcast(acc_t(1));
       const V bv = b != nullptr ? V::load(b + i) : V::zero();
       const V out = nm::affine(xhat, wv, bv);
@@ -143,7 +145,10 @@ void backward_rows(const NormBackwardArgs& a, int64_t begin, int64_t end, acc_t*
       }
       const V xhat = nm::normalize(V::load(x + i), V::broadcast(mean), V::broadcast(rstd));
       const V g = V::load(dy + i);
-      if (dw != nullptr) (V::load(dw + i) + g * xhat).store(dw + i);
+      if (dw != nullptr) {
+        const V xr = a.round_xhat ? xhat.template rounded<scalar_t>() : xhat;
+        (V::load(dw + i) + g * xr).store(dw + i);
+      }
       if (db != nullptr) (V::load(db + i) + g).store(db + i);
       const V gw = w != nullptr ? g * V::load(w + i) : g;
       xhat.store(xhat_buf + i);

@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
                         const param_t* __restrict__ w, const param_t* __restrict__ b, scalar_t* __restrict__ y,
                         scalar_t* __restrict__ res_out, acc_type_t<scalar_t>* __restrict__ mean_out,
                         acc_type_t<scalar_t>* __restrict__ rstd_out, int64_t rows, int64_t cols,
-                        acc_type_t<scalar_t> eps) {
+                        acc_type_t<scalar_t> eps, bool round_xhat) {
   using acc_t = acc_type_t<scalar_t>;
   constexpr int VEC = 16 / sizeof(scalar_t);
   __shared__ acc_t shared[kRowShared];
@@ -208,7 +208,8 @@ __global__ void __launch_bounds__(kMaxRowThreads)
       load_row<W>(x, res, off + i, v);
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        const acc_t xhat = nm::normalize(static_cast<acc_t>(v[k]), mean, rstd);
+        acc_t xhat = nm::normalize(static_cast<acc_t>(v[k]), mean, rstd);
+        if (round_xhat) xhat = static_cast<acc_t>(static_cast<scalar_t>(xhat));  // casting_mode "llama"
         v[k] = static_cast<scalar_t>(nm::affine(xhat, param_or(w, i + k, acc_t(1)), param_or(b, i + k, acc_t(0))));
       }
       store_vec<W>(y + off + i, v);
@@ -299,7 +300,7 @@ __global__ void __launch_bounds__(kTileCols * kTileRows)
                                    const acc_type_t<scalar_t>* __restrict__ rstd_in,
                                    acc_type_t<scalar_t>* __restrict__ partial_w,
                                    acc_type_t<scalar_t>* __restrict__ partial_b, int64_t rows,
-                                   int64_t cols, int64_t rows_per_group) {
+                                   int64_t cols, int64_t rows_per_group, bool round_xhat) {
   using acc_t = acc_type_t<scalar_t>;
   __shared__ acc_t sw[kTileRows][kTileCols + 1];
   __shared__ acc_t sb[kTileRows][kTileCols + 1];
@@ -311,7 +312,9 @@ __global__ void __launch_bounds__(kTileCols * kTileRows)
     for (int64_t r = r0 + threadIdx.y; r < r1; r += kTileRows) {
       const acc_t g = static_cast<acc_t>(dy[r * cols + col]);
       const acc_t mean = mean_in != nullptr ? mean_in[r] : acc_t(0);
-      aw += g * nm::normalize(static_cast<acc_t>(x[r * cols + col]), mean, rstd_in[r]);
+      acc_t xhat = nm::normalize(static_cast<acc_t>(x[r * cols + col]), mean, rstd_in[r]);
+      if (round_xhat) xhat = static_cast<acc_t>(static_cast<scalar_t>(xhat));  // as the forward rounded it
+      aw += g * xhat;
       ab += g;
     }
   }
@@ -431,7 +434,8 @@ struct CudaNormBackend {
           constexpr bool C = decltype(center_tag)::value;
           constexpr bool kWarp = decltype(warp_tag)::value;
           norm_forward_kernel<scalar_t, param_t, C, kWarp>
-              <<<static_cast<unsigned>(l.blocks), l.threads, 0, stream>>>(x, res, w, b, y, res_out, mean, rstd, p.rows, p.cols, eps);
+              <<<static_cast<unsigned>(l.blocks), l.threads, 0, stream>>>(x, res, w, b, y, res_out, mean, rstd, p.rows, p.cols, eps,
+                                                                           p.round_xhat);
         };
         using Yes = std::true_type;
         using No = std::false_type;
@@ -507,7 +511,7 @@ struct CudaNormBackend {
       const dim3 block(kTileCols, kTileRows);
       norm_param_grad_partial_kernel<scalar_t>
           <<<dim3(static_cast<unsigned>(col_tiles), static_cast<unsigned>(rg.groups)), block, 0, stream>>>(
-              dy, x, mean, rstd, pw, pb, p.rows, p.cols, rg.rows_per_group);
+              dy, x, mean, rstd, pw, pb, p.rows, p.cols, rg.rows_per_group, p.round_xhat);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (rg.groups > 1) {
         sum_groups_kernel<acc_t>

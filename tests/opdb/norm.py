@@ -88,3 +88,58 @@ register(
     OpInfo("add_rms_norm", TF.add_rms_norm, _ref_add_rms_norm, _norm_samples(True, False),
            _bad_inputs(TF.add_rms_norm)),
 )
+
+
+# RMSNorm as the model families compute it (offset, casting modes): the
+# reference rounds nothing, so these are checked at the dtype's tolerance here
+# and bit for bit against transformers in test_norm.py.
+def _rms_variant(fn, offset, mode):
+    def f(*args, **kwargs):
+        return fn(*args, **{"offset": offset, "casting_mode": mode, **kwargs})
+
+    f.__name__ = fn.__name__
+    return f
+
+
+def _ref_rms_offset(x, ns, w=None, eps=None):
+    return _ref_rms_norm(x, ns, w + 1.0, eps)
+
+
+def _ref_add_rms_offset(x, r, ns, w=None, eps=None):
+    return _ref_add_rms_norm(x, r, ns, w + 1.0, eps)
+
+
+def _rms_variant_bad_inputs(fn):
+    def bad():
+        x = torch.randn(4, 8)
+        w = torch.randn(8)
+        name = fn.__name__
+        res = (torch.randn(4, 8),) if name.startswith("add_") else ()
+        yield BadInput((x, *res, (8,), w), {"casting_mode": "fp32"}, name="casting-mode",
+                       match=rf"torch_wsl\.{name}: expected casting_mode to be one of 'torch', 'gemma', 'llama', "
+                       r"got 'fp32'")
+        yield BadInput((x, *res, (8,)), {"offset": 1.0}, name="offset-without-weight",
+                       match=r"expected weight to be given with offset 1, got None")
+
+    return bad
+
+
+def _weighted(samples):
+    """Only the samples with a weight (offset needs one)."""
+    def gen(device, dtype, requires_grad):
+        for s in samples(device, dtype, requires_grad):
+            if s.args[-1] is not None:
+                yield s
+    return gen
+
+
+register(
+    OpInfo("rms_norm_gemma", _rms_variant(TF.rms_norm, 1.0, "gemma"), _ref_rms_offset,
+           _weighted(_norm_samples(False, False)), _rms_variant_bad_inputs(TF.rms_norm)),
+    OpInfo("rms_norm_llama", _rms_variant(TF.rms_norm, 0.0, "llama"), _ref_rms_norm, _norm_samples(False, False),
+           tol_scale=2.0),
+    OpInfo("add_rms_norm_gemma", _rms_variant(TF.add_rms_norm, 1.0, "gemma"), _ref_add_rms_offset,
+           _weighted(_norm_samples(True, False)), _rms_variant_bad_inputs(TF.add_rms_norm)),
+    OpInfo("add_rms_norm_llama", _rms_variant(TF.add_rms_norm, 0.0, "llama"), _ref_add_rms_norm,
+           _norm_samples(True, False), tol_scale=2.0),
+)

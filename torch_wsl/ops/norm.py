@@ -57,14 +57,34 @@ def add_layer_norm(
     return out[0], out[1]
 
 
+CASTING_MODES = ("torch", "gemma", "llama")
+
+
 def rms_norm(
     input: Tensor,
     normalized_shape: ShapeLike,
     weight: Optional[Tensor] = None,
     eps: Optional[float] = None,
+    *,
+    offset: float = 0.0,
+    casting_mode: str = "torch",
 ) -> Tensor:
-    """Same contract and result as ``torch.nn.functional.rms_norm`` (eps=None: the float32 machine epsilon)."""
-    return _ops.rms_norm(input, _as_shape(normalized_shape), weight, eps)[0]
+    """``torch.nn.functional.rms_norm`` (eps=None: the machine epsilon of the accumulation type), plus the
+    variants Hugging Face models compute, so a patched model matches its own code bit for bit:
+
+    - ``offset``: the weight is ``offset + weight`` (added in float32). Gemma's ``x̂ * (1 + w)`` is ``offset=1``.
+    - ``casting_mode="torch"`` (default) and ``"gemma"``: everything in float32, rounded once to input's dtype
+      (torch's ``F.rms_norm``; Gemma's ``GemmaRMSNorm``).
+    - ``casting_mode="llama"``: ``weight * x̂.to(input.dtype)`` (``LlamaRMSNorm``, also Mistral, Qwen2/3):
+      x̂ is rounded to input's dtype before the weight multiplies it, in the dtype of their promotion (a
+      float32 weight with bfloat16 input gives a float32 result, as in transformers).
+    """
+    shape = _as_shape(normalized_shape)
+    if casting_mode == "llama" and weight is not None and weight.dtype != input.dtype:
+        # Transformers multiplies in the promoted dtype: the kernel rounds x̂, ATen does the product.
+        normed = _ops.rms_norm(input, shape, None, eps, 0.0, "llama")[0]
+        return (weight + offset if offset else weight) * normed
+    return _ops.rms_norm(input, shape, weight, eps, offset, casting_mode)[0]
 
 
 def add_rms_norm(
@@ -73,9 +93,16 @@ def add_rms_norm(
     normalized_shape: ShapeLike,
     weight: Optional[Tensor] = None,
     eps: Optional[float] = None,
+    *,
+    offset: float = 0.0,
+    casting_mode: str = "torch",
 ) -> tuple[Tensor, Tensor]:
-    """``residual_out = input + residual; output = rms_norm(residual_out)`` in one pass; returns both."""
-    out = _ops.add_rms_norm(input, residual, _as_shape(normalized_shape), weight, eps)
+    """``residual_out = input + residual; output = rms_norm(residual_out, ...)`` in one pass; returns both.
+
+    ``offset`` and ``casting_mode`` as in :func:`rms_norm`; ``"llama"`` needs weight in input's dtype here
+    (the fused kernel writes one dtype).
+    """
+    out = _ops.add_rms_norm(input, residual, _as_shape(normalized_shape), weight, eps, offset, casting_mode)
     return out[0], out[1]
 
 
@@ -115,6 +142,15 @@ def _check_param(op: str, name: str, p: Optional[Tensor], normalized_shape: Sequ
         f"to have shape normalized_shape {_checks.shape_str(normalized_shape)}",
         lambda: _checks.shape_str(p.shape),
     )
+
+
+def _check_rms_options(op: str, offset: float, casting_mode: str, weight: Optional[Tensor]) -> None:
+    """parse_rms_options's checks."""
+    _checks.that(
+        casting_mode in CASTING_MODES, op, "casting_mode", "to be one of 'torch', 'gemma', 'llama'", f"'{casting_mode}'"
+    )
+    _checks.that(offset == 0.0 or weight is not None, op, "weight", f"to be given with offset {_checks.num_str(offset)}",
+                 "None")
 
 
 def _check_forward(op, input, normalized_shape, residual=None, weight=None, bias=None, eps=None) -> Tensor:
@@ -172,12 +208,14 @@ def _add_layer_norm_fake(input, residual, normalized_shape, weight=None, bias=No
 
 
 @torch.library.register_fake("torch_wsl::rms_norm")
-def _rms_norm_fake(input, normalized_shape, weight=None, eps=None):
+def _rms_norm_fake(input, normalized_shape, weight=None, eps=None, offset=0.0, casting_mode="torch"):
+    _check_rms_options("rms_norm", offset, casting_mode, weight)
     return input.new_empty(input.shape), _check_forward("rms_norm", input, normalized_shape, None, weight, None, eps)
 
 
 @torch.library.register_fake("torch_wsl::add_rms_norm")
-def _add_rms_norm_fake(input, residual, normalized_shape, weight=None, eps=None):
+def _add_rms_norm_fake(input, residual, normalized_shape, weight=None, eps=None, offset=0.0, casting_mode="torch"):
+    _check_rms_options("add_rms_norm", offset, casting_mode, weight)
     stats = _check_forward("add_rms_norm", input, normalized_shape, residual, weight, None, eps)
     return input.new_empty(input.shape), input.new_empty(input.shape), stats
 
@@ -195,7 +233,10 @@ def _layer_norm_backward_fake(
 
 
 @torch.library.register_fake("torch_wsl::rms_norm_backward")
-def _rms_norm_backward_fake(grad_output, grad_residual_out, input, normalized_shape, rstd, weight, weight_grad):
+def _rms_norm_backward_fake(
+    grad_output, grad_residual_out, input, normalized_shape, rstd, weight, weight_grad, offset=0.0, casting_mode="torch"
+):
+    _check_rms_options("rms_norm_backward", offset, casting_mode, weight)
     _check_backward("rms_norm_backward", grad_output, grad_residual_out, input, normalized_shape, None, rstd, weight)
     return input.new_empty(input.shape), _param_grad(weight, weight_grad, input)
 
@@ -258,14 +299,14 @@ def _backward_add_layer_norm(ctx, grad_output, grad_residual_out, _grad_mean, _g
 
 def _setup_rms_norm(ctx, inputs, output):
     ctx.set_materialize_grads(False)
-    input, normalized_shape, weight, _ = inputs
+    input, normalized_shape, weight, _, ctx.offset, ctx.casting_mode = inputs
     ctx.normalized_shape = normalized_shape
     ctx.save_for_backward(input, output[1], weight)
 
 
 def _setup_add_rms_norm(ctx, inputs, output):
     ctx.set_materialize_grads(False)
-    _, _, normalized_shape, weight, _ = inputs
+    _, _, normalized_shape, weight, _, ctx.offset, ctx.casting_mode = inputs
     _, residual_out, rstd = output
     ctx.normalized_shape = normalized_shape
     ctx.save_for_backward(residual_out, rstd, weight)
@@ -276,19 +317,21 @@ def _rms_norm_grads(ctx, grad_output, grad_residual_out, weight_index: int):
     if grad_output is None:  # only residual_out was used: it passes its gradient straight through
         return grad_residual_out, None
     want_w = weight is not None and ctx.needs_input_grad[weight_index]
-    gi, gw = _ops.rms_norm_backward(grad_output, grad_residual_out, x, ctx.normalized_shape, rstd, weight, want_w)
+    gi, gw = _ops.rms_norm_backward(
+        grad_output, grad_residual_out, x, ctx.normalized_shape, rstd, weight, want_w, ctx.offset, ctx.casting_mode
+    )
     gw = _grad_or_none(gw, want_w) if gw.numel() else _zero_size_param_grad(weight, want_w)
     return gi, gw
 
 
 def _backward_rms_norm(ctx, grad_output, _grad_rstd):
     gi, gw = _rms_norm_grads(ctx, grad_output, None, 2)
-    return gi, None, gw, None
+    return gi, None, gw, None, None, None
 
 
 def _backward_add_rms_norm(ctx, grad_output, grad_residual_out, _grad_rstd):
     gi, gw = _rms_norm_grads(ctx, grad_output, grad_residual_out, 3)
-    return gi, gi, None, gw, None
+    return gi, gi, None, gw, None, None, None
 
 
 torch.library.register_autograd("torch_wsl::layer_norm", _backward_layer_norm, setup_context=_setup_layer_norm)
