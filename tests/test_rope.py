@@ -308,6 +308,30 @@ def test_fused_qkv_split_and_expanded_inputs(device):
         assert got[0].stride() == (s * h * d, d, h * d, 1)  # dense, in q's memory order
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("which", ["q", "k", "cos"])
+def test_inputs_at_storage_offsets(device, dtype, which):
+    """One operand one element past an aligned address: the CUDA kernel falls back to element-wise access."""
+    g = _gen(13)
+    b, s, h, d = 2, 5, 4, 64
+    q = projection_view(b, s, h, d, dtype, device, g)
+    k = projection_view(b, s, 2, d, dtype, device, g)
+    cos, sin = llama_tables(b, s, d, dtype, device)
+
+    def shifted(t):
+        buf = torch.empty(t.numel() + 1, dtype=dtype, device=device)
+        out = buf[1:].view(t.shape)
+        out.copy_(t)
+        return out
+
+    args = {"q": q, "k": k, "cos": cos}
+    args[which] = shifted(args[which].contiguous())
+    got = apply_rotary_pos_emb(args["q"], args["k"], args["cos"], sin)
+    want = llama.apply_rotary_pos_emb(q.float(), k.float(), cos.float(), sin.float())
+    assert_bitwise(got, [t.to(dtype) for t in want], "output")
+
+
 # ------------------------------------------------------------------ values
 
 
@@ -391,6 +415,26 @@ def test_double_backward_is_refused():
     (gq,) = torch.autograd.grad((qe**2).sum(), q, create_graph=True)  # a cotangent that depends on q
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         gq.sum().backward()
+
+
+def test_compile_keeps_the_sequence_length_dynamic():
+    """One graph for every sequence length: the fake kernels' checks and layout do not specialize sizes."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(apply_rotary_pos_emb, backend=counter, fullgraph=True, dynamic=True)
+    g = _gen(14)
+    for s in (7, 13, 21):
+        x = torch.randn(2, s, 4 * 16, generator=g, requires_grad=True)
+        q = x.view(2, s, 4, 16).transpose(1, 2)
+        k = torch.randn(2, 2, s, 16, generator=g, requires_grad=True)
+        cos, sin = llama_tables(2, s, 16, torch.float32, "cpu")
+        got = fn(q, k, cos, sin)
+        assert_bitwise(got, llama.apply_rotary_pos_emb(q, k, cos, sin), f"seq {s}")
+        assert got[0].stride() == q.stride()
+        (got[0].sum() + got[1].sum()).backward()
+    assert counter.frame_count == 1
 
 
 # ------------------------------------------------------------------ the backward operator's checks

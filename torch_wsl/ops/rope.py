@@ -10,7 +10,7 @@ and its backward, ``apply_rotary_pos_emb_backward``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -94,12 +94,18 @@ def apply_rotary_pos_emb(
 # order, same words, through _checks) and its allocation.
 
 
+def _that(ok, op: str, arg: str, expectation: Callable[[], str], got: Callable[[], str]) -> None:
+    """_checks.that with the expectation formatted only on failure: formatting a symbolic size
+    would specialize it, and under dynamic shapes the sequence length must stay symbolic."""
+    torch._check(ok, lambda: _checks.message(op, arg, expectation(), got()))
+
+
 def _check_rank(op: str, name: str, x: Tensor) -> None:
-    _checks.that(
+    _that(
         1 <= x.dim() <= _MAX_RANK,
         op,
         name,
-        f"to have 1 to {_MAX_RANK} dimensions",
+        lambda: f"to have 1 to {_MAX_RANK} dimensions",
         lambda: "shape " + _checks.shape_str(x.shape),
     )
 
@@ -108,12 +114,12 @@ def _unsqueezed(op: str, name: str, table: Tensor, unsqueeze_dim: int) -> list:
     """The table's shape after ``table.unsqueeze(unsqueeze_dim)``."""
     _checks.dim_at_least(op, name, table, 1)
     n = table.dim()
-    _checks.that(
+    _that(
         -(n + 1) <= unsqueeze_dim <= n,
         op,
         "unsqueeze_dim",
-        f"to be in [{-(n + 1)}, {n}] (a position for {name}.unsqueeze, {name} has {n} dimensions)",
-        str(unsqueeze_dim),
+        lambda: f"to be in [{-(n + 1)}, {n}] (a position for {name}.unsqueeze, {name} has {n} dimensions)",
+        lambda: str(unsqueeze_dim),
     )
     pos = unsqueeze_dim + n + 1 if unsqueeze_dim < 0 else unsqueeze_dim
     sizes = list(table.shape)
@@ -123,38 +129,39 @@ def _unsqueezed(op: str, name: str, table: Tensor, unsqueeze_dim: int) -> list:
 
 def _check_tables(op: str, cos: Tensor, c: list, sin: Tensor, s: list) -> None:
     rotary = c[-1]
-    _checks.that(
+    _that(
         s[-1] == rotary,
         op,
         "sin",
-        f"to have the last dimension of cos unsqueezed ({rotary})",
+        lambda: f"to have the last dimension of cos unsqueezed ({rotary})",
         lambda: f"shape {_checks.shape_str(sin.shape)} ({_checks.shape_str(s)} unsqueezed)",
     )
-    _checks.that(
+    _that(
         rotary % 2 == 0,
         op,
         "cos",
-        "to have an even last dimension (the rotary dimension, whose elements rotate in pairs)",
+        lambda: "to have an even last dimension (the rotary dimension, whose elements rotate in pairs)",
         lambda: f"shape {_checks.shape_str(cos.shape)} ({_checks.shape_str(c)} unsqueezed)",
     )
 
 
 def _check_fits(op: str, xname: str, x: Tensor, tname: str, table: Tensor, t: list, unsqueeze_dim: int) -> None:
-    _checks.that(
+    _that(
         t[-1] <= x.shape[-1],
         op,
         tname,
-        f"to have a last dimension (the rotary dimension) of at most the head dimension of {xname} ({x.shape[-1]})",
+        lambda: f"to have a last dimension (the rotary dimension) of at most the head dimension of {xname} "
+        f"({x.shape[-1]})",
         lambda: "shape " + _checks.shape_str(table.shape),
     )
     nd, nt = x.dim(), len(t)
     ok = nt <= nd and all(t[i] == 1 or t[i] == x.shape[nd - nt + i] for i in range(nt - 1))
-    _checks.that(
+    _that(
         ok,
         op,
         tname,
-        f"unsqueezed at dim {unsqueeze_dim} to broadcast to the shape of {xname} {_checks.shape_str(x.shape)} "
-        "in all but the last dimension",
+        lambda: f"unsqueezed at dim {unsqueeze_dim} to broadcast to the shape of {xname} "
+        f"{_checks.shape_str(x.shape)} in all but the last dimension",
         lambda: f"shape {_checks.shape_str(table.shape)} ({_checks.shape_str(t)} unsqueezed)",
     )
 
@@ -235,12 +242,12 @@ def _apply_rotary_pos_emb_backward_fake(
             continue
         _check_fits(op, name, g, "cos", cos, c, unsqueeze_dim)
         _check_fits(op, name, g, "sin", sin, s, unsqueeze_dim)
-        _checks.that(
+        _that(
             len(stride) == g.dim(),
             op,
             stride_name,
-            f"to have one entry per dimension of {name} ({g.dim()})",
-            f"{len(stride)} entries",
+            lambda: f"to have one entry per dimension of {name} ({g.dim()})",
+            lambda: f"{len(stride)} entries",
         )
     for g, stride in ((grad_q_embed, q_stride), (grad_k_embed, k_stride)):
         outs.append(cos.new_empty((0,)) if g is None else _empty_in_order(g, g.shape, stride))
