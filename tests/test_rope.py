@@ -332,6 +332,18 @@ def test_inputs_at_storage_offsets(device, dtype, which):
     assert_bitwise(got, [t.to(dtype) for t in want], "output")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_negative_unsqueeze_dim_and_different_head_dims(device):
+    """unsqueeze_dim counts from the end as in torch.unsqueeze; q and k may differ in head_dim around a
+    common rotary part (GPT-NeoX's slicing accepts it)."""
+    g = _gen(15)
+    q = projection_view(2, 5, 4, 128, torch.float32, device, g)
+    k = projection_view(2, 5, 1, 64, torch.float32, device, g)
+    cos, sin = llama_tables(2, 5, 64, torch.float32, device)
+    want = neox.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=-3)
+    assert_bitwise(apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=-3), want, "output")
+
+
 # ------------------------------------------------------------------ values
 
 
