@@ -39,6 +39,16 @@ from .suites import SUITES  # noqa: E402
 
 #: Rounds per case under --quick.
 QUICK_ROUNDS = 5
+#: The triad's arrays (each; 3 of them), MiB: far larger than any CPU's last-level cache.
+TRIAD_MIB, QUICK_TRIAD_MIB = 256, 64
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _csv(value: str) -> list[str]:
@@ -67,9 +77,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         f"(default {harness.ROUNDS}; {QUICK_ROUNDS} with --quick)",
     )
     p.add_argument(
-        "--round-warmup", type=int, default=1, help="untimed calls at the start of each contender's burst in a round"
+        "--round-warmup",
+        type=int,
+        default=1,
+        help="untimed calls at the start of each contender's burst in a round (none for calls of 20 ms or more)",
     )
-    p.add_argument("--quick", action="store_true", help="small sizes, few reps and rounds: a smoke run")
+    p.add_argument(
+        "--triad-mib",
+        type=int,
+        default=None,
+        help=f"size of each of the roofline triad's 3 arrays, MiB (default {TRIAD_MIB}; {QUICK_TRIAD_MIB} with --quick)",
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes, few reps and rounds, a smaller triad: a smoke run")
     p.add_argument(
         "--allocator",
         choices=["warm-heap", "system"],
@@ -86,6 +105,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.reps, args.min_seconds, args.warmup = 3, 0.0, 1
     if args.rounds is None:
         args.rounds = QUICK_ROUNDS if args.quick else harness.ROUNDS
+    if args.triad_mib is None:
+        args.triad_mib = QUICK_TRIAD_MIB if args.quick else TRIAD_MIB
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     return args
@@ -104,8 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # plain output without rich
         Console = None  # type: ignore[assignment]
 
+    load_start = _load_average()
+    if load_start is not None and load_start > (os.cpu_count() or 1) - 0.5:
+        print(
+            f"warning: load average {load_start:.1f} on {os.cpu_count()} CPUs: other processes compete for the "
+            "cores, and per-round ratios only cancel drift that every member of a round sees alike",
+            file=sys.stderr,
+        )
     # The triad's arrays stay allocated: each case runs it again in its rounds.
-    triad = harness.Triad(args.device)
+    triad = harness.Triad(args.device, mib=args.triad_mib)
     roofline = triad.measure(min_seconds=0.1 if args.quick else 0.5)
     roofline["allocator"] = args.allocator
     print(
@@ -178,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         "min_seconds": args.min_seconds,
         "order": "round r: the contenders then the triad, rotated by r // 2, reversed on odd rounds",
     }
-    harness.write_json(
-        args.out, harness.machine_info(args.device), roofline, results, ["python", "-m", "benchmarks", *argv], timing
-    )
+    machine = harness.machine_info(args.device)
+    machine["load_average"] = {"start": load_start, "end": _load_average()}
+    harness.write_json(args.out, machine, roofline, results, ["python", "-m", "benchmarks", *argv], timing)
     print(f"wrote {args.out}")
     return 0
 

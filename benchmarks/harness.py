@@ -41,6 +41,9 @@ T = TypeVar("T")
 ROUNDS = 10
 #: The triad's name among a round's members (no contender may take it).
 _TRIAD = "(triad)"
+#: A contender whose last warm-up call took at least this long gets no untimed lead calls in
+#: its bursts: refilling the caches the previous member evicted is a negligible part of such a call.
+LEAD_CALL_MAX_S = 0.02
 
 
 @dataclass
@@ -361,7 +364,8 @@ def run_case(
     operators it dispatches, its peak memory. Then `warmup` calls of every
     contender, then the rounds: each runs every contender, and the triad when
     `roofline` is one (anything with `bytes_moved` that runs on a call), in
-    round_order(). A contender's burst is `round_warmup` untimed calls, then at
+    round_order(). A contender's burst is `round_warmup` untimed calls (none if
+    its last warm-up call took LEAD_CALL_MAX_S or more), then at
     least reps / rounds calls and min_seconds / rounds seconds (at most
     20 * reps / rounds calls): over all rounds, at least `reps` calls and
     `min_seconds`, as a contender timed alone would get. A number for `roofline`
@@ -390,14 +394,20 @@ def run_case(
         mem = peak_memory(c.fn, case.device) if (c.dispatch_mode_ok or case.device != "cpu") else None
         untimed[c.name] = (ops, names, mem)
 
-    members: list[tuple[str, Callable[[], object], int]] = [(c.name, c.fn, round_warmup) for c in case.contenders]
+    members: list[tuple[str, Callable[[], object], int]] = []
+    for c in case.contenders:
+        took = 0.0
+        for _ in range(warmup):
+            t0 = clock()
+            c.fn()
+            synchronize(case.device)
+            took = clock() - t0
+        members.append((c.name, c.fn, round_warmup if took < LEAD_CALL_MAX_S else 0))
     if triad is not None:
         # Its arrays dwarf any cache: no untimed lead calls.
         members.append((_TRIAD, triad, 0))
-    for _, fn, _lead in members:
-        for _ in range(warmup if fn is not triad else 1):
-            fn()
-    synchronize(case.device)
+        triad()
+        synchronize(case.device)
 
     per_round: dict[str, list[list[float]]] = {name: [] for name, _, _ in members}
     for r in range(rounds):

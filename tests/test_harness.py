@@ -33,11 +33,12 @@ class FakeClock:
 class Scripted:
     """Fake members whose call takes schedule[name][round] milliseconds of the fake clock.
 
-    Calls outside the rounds (first call, warm-up) take 1 ms. Every call is logged
-    with the round it ran in (-1: before the rounds)."""
+    Calls outside the rounds (first call, warm-up) take before[name] ms (default 1). Every
+    call is logged with the round it ran in (-1: before the rounds)."""
 
-    def __init__(self, schedule: dict[str, list[float]]) -> None:
+    def __init__(self, schedule: dict[str, list[float]], before: dict[str, float] | None = None) -> None:
         self.schedule = schedule
+        self.before = before or {}
         self.clock = FakeClock()
         self.round = -1
         self.log: list[tuple[int, str]] = []
@@ -50,7 +51,7 @@ class Scripted:
     def fn(self, name: str):
         def call():
             self.log.append((self.round, name))
-            ms = self.schedule[name][self.round] if self.round >= 0 else 1.0
+            ms = self.schedule[name][self.round] if self.round >= 0 else self.before.get(name, 1.0)
             self.clock.t += ms / 1e3
 
         return call
@@ -112,6 +113,15 @@ def test_run_case_interleaves_rounds_after_warming_every_contender():
         # Each contender: 1 untimed lead call then 1 timed call (reps = rounds), back to back; the triad: 1 call.
         expected = [n for n in script.orders[r] for _ in range(1 if n == "(triad)" else 2)]
         assert calls == expected
+
+
+def test_slow_contenders_get_no_lead_calls():
+    rounds = 4
+    script = Scripted({"fast": [1.0] * rounds, "slow": [30.0] * rounds}, before={"slow": 30.0})
+    _run(_case(script, ["fast", "slow"]), script, rounds=rounds, warmup=1, round_warmup=2)
+    for r in range(rounds):
+        calls = [name for rr, name in script.log if rr == r]
+        assert calls.count("fast") == 3 and calls.count("slow") == 1  # 2 lead calls + 1 timed; 1 timed
 
 
 def test_speedup_is_the_median_of_per_round_ratios_not_the_ratio_of_medians():
@@ -225,8 +235,8 @@ def test_cli_quick_norm_run(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "vs baseline" in p.stdout and "baseline" in p.stdout and "triad in the cases' rounds" in p.stdout
     doc = json.loads(out.read_text())
-    assert doc["schema_version"] == 2 and doc["timing"]["rounds"] == 3
-    assert doc["roofline"]["in_round_gbps"]["cases"] == 1
+    assert doc["schema_version"] == 2 and doc["timing"]["rounds"] == 3 and doc["roofline"]["array_mib"] == 64
+    assert doc["roofline"]["in_round_gbps"]["cases"] == 1 and "start" in doc["machine"]["load_average"]
     by = {r["contender"]: r for r in doc["results"]}
     assert set(by) == {"torch_wsl", "eager"}
     assert by["eager"]["speedup_vs_baseline"] == 1.0 and by["torch_wsl"]["baseline"] == "eager"
@@ -238,7 +248,8 @@ def test_cli_quick_norm_run(tmp_path):
 def test_cli_help_lists_rounds():
     from benchmarks.__main__ import parse_args
 
-    assert parse_args(["--quick"]).rounds == 5
+    assert parse_args(["--quick"]).rounds == 5 and parse_args(["--quick"]).triad_mib == 64
+    assert parse_args([]).triad_mib == 256
     assert parse_args([]).rounds == harness.ROUNDS == 10
     assert parse_args(["--rounds", "12"]).rounds == 12
     with pytest.raises(SystemExit):

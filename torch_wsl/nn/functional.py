@@ -1,10 +1,14 @@
-"""Fused functional operators, drop-in for their ``torch.nn.functional`` namesakes.
+"""Fused functional operators, drop-in for their ``torch.nn.functional`` (or transformers) namesakes.
 
 ``layer_norm`` and ``rms_norm`` take the same arguments and return the same
-results as torch's; ``add_layer_norm`` and ``add_rms_norm`` fuse the residual
-add of a pre-norm transformer block into the normalization.
+results as torch's (``rms_norm`` also takes the ``offset`` and ``casting_mode``
+of the Hugging Face families); ``add_layer_norm`` and ``add_rms_norm`` fuse the
+residual add of a pre-norm transformer block into the normalization.
+``apply_rotary_pos_emb`` is transformers' (Llama's) function, q and k in one
+kernel, with the interleaved (GPT-J) layout and partial rotary as well.
 """
 
 from ..ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from ..ops.rope import apply_rotary_pos_emb
 
-__all__ = ["add_layer_norm", "add_rms_norm", "layer_norm", "rms_norm"]
+__all__ = ["add_layer_norm", "add_rms_norm", "apply_rotary_pos_emb", "layer_norm", "rms_norm"]
