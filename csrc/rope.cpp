@@ -22,6 +22,20 @@ constexpr const char* kForwardOp = "apply_rotary_pos_emb";
 constexpr const char* kBackwardOp = "apply_rotary_pos_emb_backward";
 constexpr int64_t kMaxRank = rope_math::kMaxDims + 1;
 
+// check::that with the message formatted only on failure: these checks run
+// on every call, and building their strings cost more than a small kernel.
+template <typename Expectation, typename Got>
+void require(bool ok, const char* op, const char* arg, Expectation&& expectation, Got&& got) {
+  if (C10_UNLIKELY(!ok)) check::fail(op, arg, expectation(), got());
+}
+
+// check::same_device and check::same_dtype, entered only when they fail (they
+// format their expectation before testing it).
+void same_device_and_dtype(const char* op, const char* arg, const Tensor& t, const char* ref_arg, const Tensor& ref) {
+  if (C10_UNLIKELY(t.device() != ref.device())) check::same_device(op, arg, t, ref_arg, ref);
+  if (C10_UNLIKELY(t.scalar_type() != ref.scalar_type())) check::same_dtype(op, arg, t, ref_arg, ref);
+}
+
 // A row's elements must be contiguous for the kernels; anything else (rare:
 // no projection produces it) is copied once.
 Tensor head_dim_contiguous(const Tensor& t) {
@@ -38,12 +52,15 @@ struct Table {
 };
 
 Table unsqueezed(const char* op, const char* name, const Tensor& table, int64_t unsqueeze_dim) {
-  check::dim_at_least(op, name, table, 1);
+  if (C10_UNLIKELY(table.dim() < 1)) check::dim_at_least(op, name, table, 1);  // formats before testing
   const int64_t n = table.dim();
-  check::that(unsqueeze_dim >= -(n + 1) && unsqueeze_dim <= n, op, "unsqueeze_dim",
-              c10::str("to be in [", -(n + 1), ", ", n, "] (a position for ", name, ".unsqueeze, ", name, " has ", n,
-                       " dimensions)"),
-              unsqueeze_dim);
+  require(
+      unsqueeze_dim >= -(n + 1) && unsqueeze_dim <= n, op, "unsqueeze_dim",
+      [&] {
+        return c10::str("to be in [", -(n + 1), ", ", n, "] (a position for ", name, ".unsqueeze, ", name, " has ", n,
+                        " dimensions)");
+      },
+      [&] { return c10::str(unsqueeze_dim); });
   Table out;
   out.t = head_dim_contiguous(table);
   out.sizes = out.t.sizes().vec();
@@ -56,17 +73,20 @@ Table unsqueezed(const char* op, const char* name, const Tensor& table, int64_t 
 
 void check_tables(const char* op, const Table& cos, const Tensor& cos_arg, const Table& sin, const Tensor& sin_arg) {
   const int64_t rotary = cos.rotary_dim();
-  check::that(sin.rotary_dim() == rotary, op, "sin",
-              c10::str("to have the last dimension of cos unsqueezed (", rotary, ")"), "shape ", sin_arg.sizes(), " (",
-              at::IntArrayRef(sin.sizes), " unsqueezed)");
-  check::that(rotary % 2 == 0, op, "cos",
-              "to have an even last dimension (the rotary dimension, whose elements rotate in pairs)", "shape ",
-              cos_arg.sizes(), " (", at::IntArrayRef(cos.sizes), " unsqueezed)");
+  require(
+      sin.rotary_dim() == rotary, op, "sin",
+      [&] { return c10::str("to have the last dimension of cos unsqueezed (", rotary, ")"); },
+      [&] { return c10::str("shape ", sin_arg.sizes(), " (", at::IntArrayRef(sin.sizes), " unsqueezed)"); });
+  require(
+      rotary % 2 == 0, op, "cos",
+      [] { return std::string("to have an even last dimension (the rotary dimension, whose elements rotate in pairs)"); },
+      [&] { return c10::str("shape ", cos_arg.sizes(), " (", at::IntArrayRef(cos.sizes), " unsqueezed)"); });
 }
 
 void check_rank(const char* op, const char* name, const Tensor& x) {
-  check::that(x.dim() >= 1 && x.dim() <= kMaxRank, op, name, c10::str("to have 1 to ", kMaxRank, " dimensions"),
-              "shape ", x.sizes());
+  require(
+      x.dim() >= 1 && x.dim() <= kMaxRank, op, name, [] { return c10::str("to have 1 to ", kMaxRank, " dimensions"); },
+      [&] { return c10::str("shape ", x.sizes()); });
 }
 
 // The table fits x: its rotary dimension at most x's head dimension, and its
@@ -74,10 +94,13 @@ void check_rank(const char* op, const char* name, const Tensor& x) {
 // may not add dimensions or grow one of x's).
 void check_fits(const char* op, const char* xname, const Tensor& x, const char* tname, const Tensor& targ,
                 const Table& t, int64_t unsqueeze_dim) {
-  check::that(t.rotary_dim() <= x.size(-1), op, tname,
-              c10::str("to have a last dimension (the rotary dimension) of at most the head dimension of ", xname,
-                       " (", x.size(-1), ")"),
-              "shape ", targ.sizes());
+  require(
+      t.rotary_dim() <= x.size(-1), op, tname,
+      [&] {
+        return c10::str("to have a last dimension (the rotary dimension) of at most the head dimension of ", xname,
+                        " (", x.size(-1), ")");
+      },
+      [&] { return c10::str("shape ", targ.sizes()); });
   const int64_t nd = x.dim();
   const int64_t nt = static_cast<int64_t>(t.sizes.size());
   bool ok = nt <= nd;
@@ -85,10 +108,13 @@ void check_fits(const char* op, const char* xname, const Tensor& x, const char* 
     const int64_t ts = t.sizes[i];
     ok = ts == 1 || ts == x.size(nd - nt + i);
   }
-  check::that(ok, op, tname,
-              c10::str("unsqueezed at dim ", unsqueeze_dim, " to broadcast to the shape of ", xname, " ", x.sizes(),
-                       " in all but the last dimension"),
-              "shape ", targ.sizes(), " (", at::IntArrayRef(t.sizes), " unsqueezed)");
+  require(
+      ok, op, tname,
+      [&] {
+        return c10::str("unsqueezed at dim ", unsqueeze_dim, " to broadcast to the shape of ", xname, " ", x.sizes(),
+                        " in all but the last dimension");
+      },
+      [&] { return c10::str("shape ", targ.sizes(), " (", at::IntArrayRef(t.sizes), " unsqueezed)"); });
 }
 
 // A dense tensor of `sizes` whose leading dimensions are laid out in the
@@ -174,12 +200,9 @@ RopeProblem prepare_rope_forward(const Tensor& q, const Tensor& k, const Tensor&
                                  int64_t unsqueeze_dim, bool interleaved) {
   const char* op = kForwardOp;
   check::floating(op, "q", q);
-  check::same_device(op, "k", k, "q", q);
-  check::same_dtype(op, "k", k, "q", q);
-  check::same_device(op, "cos", cos, "q", q);
-  check::same_dtype(op, "cos", cos, "q", q);
-  check::same_device(op, "sin", sin, "q", q);
-  check::same_dtype(op, "sin", sin, "q", q);
+  same_device_and_dtype(op, "k", k, "q", q);
+  same_device_and_dtype(op, "cos", cos, "q", q);
+  same_device_and_dtype(op, "sin", sin, "q", q);
   check_rank(op, "q", q);
   check_rank(op, "k", k);
   const Table c = unsqueezed(op, "cos", cos, unsqueeze_dim);
@@ -216,8 +239,7 @@ RopeProblem prepare_rope_backward(const std::optional<Tensor>& grad_q_embed, con
   }
   if (grad_k_embed) {
     if (ref != nullptr) {
-      check::same_device(op, "grad_k_embed", *grad_k_embed, ref_name, *ref);
-      check::same_dtype(op, "grad_k_embed", *grad_k_embed, ref_name, *ref);
+      same_device_and_dtype(op, "grad_k_embed", *grad_k_embed, ref_name, *ref);
     } else {
       check::floating(op, "grad_k_embed", *grad_k_embed);
       ref = &*grad_k_embed;
@@ -225,10 +247,8 @@ RopeProblem prepare_rope_backward(const std::optional<Tensor>& grad_q_embed, con
     }
   }
   if (ref != nullptr) {
-    check::same_device(op, "cos", cos, ref_name, *ref);
-    check::same_dtype(op, "cos", cos, ref_name, *ref);
-    check::same_device(op, "sin", sin, ref_name, *ref);
-    check::same_dtype(op, "sin", sin, ref_name, *ref);
+    same_device_and_dtype(op, "cos", cos, ref_name, *ref);
+    same_device_and_dtype(op, "sin", sin, ref_name, *ref);
   }
   if (grad_q_embed) check_rank(op, "grad_q_embed", *grad_q_embed);
   if (grad_k_embed) check_rank(op, "grad_k_embed", *grad_k_embed);
@@ -240,9 +260,10 @@ RopeProblem prepare_rope_backward(const std::optional<Tensor>& grad_q_embed, con
     if (!g) return;
     check_fits(op, name, *g, "cos", cos, c, unsqueeze_dim);
     check_fits(op, name, *g, "sin", sin, s, unsqueeze_dim);
-    check::that(static_cast<int64_t>(stride.size()) == g->dim(), op, stride_name,
-                c10::str("to have one entry per dimension of ", name, " (", g->dim(), ")"), stride.size(),
-                " entries");
+    require(
+        static_cast<int64_t>(stride.size()) == g->dim(), op, stride_name,
+        [&] { return c10::str("to have one entry per dimension of ", name, " (", g->dim(), ")"); },
+        [&] { return c10::str(stride.size(), " entries"); });
   };
   check_grad(grad_q_embed, "grad_q_embed", "q_stride", q_stride);
   check_grad(grad_k_embed, "grad_k_embed", "k_stride", k_stride);

@@ -119,6 +119,38 @@ def test_float32_bitwise_on_every_cpu_isa(cpu_isa, head_dim, rotary, interleaved
     assert_bitwise(go, gr, f"{cpu_isa} grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["rotate-half", "interleaved", "partial"])
+def test_large_outputs_with_streaming_stores(cpu_isa, kind, dtype):
+    """Outputs of 16 MiB and more go out with non-temporal stores on CPU (the pass-through of a partial
+    rotary too): the same bits, forward and backward."""
+    g = _gen(16)
+    b, s, h, d = 1, 2048 if dtype == torch.bfloat16 else 1024, 32, 128
+    rotary = 32 if kind == "partial" else d
+    q = projection_view(b, s, h, d, dtype, "cpu", g)
+    k = projection_view(b, s, 8, d, dtype, "cpu", g)
+    cos, sin = llama_tables(b, s, rotary, dtype, "cpu")
+    interleaved = kind == "interleaved"
+    if interleaved:
+        cos, sin = cos[..., : rotary // 2].repeat_interleave(2, -1), sin[..., : rotary // 2].repeat_interleave(2, -1)
+    assert (q.numel() + k.numel()) * q.element_size() >= 16 << 20
+
+    def ref(q, k, c, s):
+        if not interleaved:
+            return neox.apply_rotary_pos_emb(q, k, c, s)
+        return tuple(x * c[:, None] + gptj.rotate_every_two(x) * s[:, None] for x in (q, k))
+
+    args = [t.float() for t in (q, k, cos, sin)]
+    want = [t.to(dtype) for t in ref(*args)]
+    assert_bitwise(apply_rotary_pos_emb(q, k, cos, sin, interleaved=interleaved), want, "output")
+    gq = torch.randn(b, s, h, d, generator=g).to(dtype).transpose(1, 2)
+    gk = torch.randn(b, s, 8, d, generator=g).to(dtype).transpose(1, 2)
+    got = _ops.apply_rotary_pos_emb_backward(gq, gk, cos, sin, 1, interleaved, q.stride(), k.stride())
+    leaves = [t.detach().requires_grad_() for t in args[:2]]
+    torch.autograd.backward(list(ref(*leaves, *args[2:])), [gq.float(), gk.float()])
+    assert_bitwise(got, [t.grad.to(dtype) for t in leaves], "grad")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_16bit_is_float32_math_rounded_once(device, dtype):

@@ -44,13 +44,48 @@ inline VecF flip_odd(VecF v) {
 }
 #endif
 
-template <typename V, typename T>
-inline void put(const V& v, T* p, bool stream) {
-  if (stream) {
+template <bool kStream, typename V, typename T>
+inline void put(const V& v, T* p) {
+  if constexpr (kStream) {
     v.store_stream(p);
   } else {
     v.store(p);
   }
+}
+
+#if TWSL_CPU_ISA_LEVEL >= 1
+// One non-temporal store of kBytes (16, 32, or 64 with AVX-512) from s to d, aligned to kBytes.
+template <int64_t kBytes>
+inline void stream_chunk(const char* s, char* d) {
+#if TWSL_CPU_ISA_LEVEL >= 2
+  if constexpr (kBytes == 64) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d), _mm512_loadu_si512(s));
+  }
+#endif
+  if constexpr (kBytes == 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+  } else if constexpr (kBytes == 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+  }
+}
+#endif
+
+// Copies n elements bit for bit (NaN payloads too, as torch.cat does). When
+// kStream, dst is aligned to a vector store of T (can_stream_rows) and whole
+// vectors go out non-temporally; the tail with ordinary stores.
+template <bool kStream, typename T>
+inline void copy_row_tail(const T* src, T* dst, int64_t n) {
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  const char* s = reinterpret_cast<const char*>(src);
+  char* d = reinterpret_cast<char*>(dst);
+  int64_t i = 0;
+#if TWSL_CPU_ISA_LEVEL >= 1
+  constexpr int64_t kBytes = VecOf<torch_wsl::acc_type_t<T>>::kLanes * static_cast<int64_t>(sizeof(T));
+  if constexpr (kStream && (kBytes == 16 || kBytes == 32 || (kBytes == 64 && TWSL_CPU_ISA_LEVEL >= 2))) {
+    for (; i + kBytes <= bytes; i += kBytes) stream_chunk<kBytes>(s + i, d + i);
+  }
+#endif
+  if (i < bytes) std::memcpy(d + i, s + i, static_cast<size_t>(bytes - i));
 }
 
 // Walks rows begin, begin + 1, ... of a layout, keeping the element offsets
@@ -93,22 +128,21 @@ inline void pair(V xa, V xb, V ca, V cb, V sa, V sb, V& ya, V& yb) {
 }
 
 // Rotate-half: element j pairs with j + half; vectors of j's from each half.
-template <bool kBackward, typename scalar_t, typename acc_t>
-void rotate_half_row(const scalar_t* x, scalar_t* y, const scalar_t* c, const scalar_t* s, int64_t half, bool stream) {
+template <bool kBackward, bool kStream, typename scalar_t, typename acc_t>
+void rotate_half_row(const scalar_t* x, scalar_t* y, const scalar_t* c, const scalar_t* s, int64_t half) {
   for_each_lane<acc_t>(half, [&](auto tag, int64_t j) {
     using V = decltype(tag);
     V ya, yb;
     pair<kBackward>(V::load(x + j), V::load(x + half + j), V::load(c + j), V::load(c + half + j), V::load(s + j),
                     V::load(s + half + j), ya, yb);
-    put(ya, y + j, stream);
-    put(yb, y + half + j, stream);
+    put<kStream>(ya, y + j);
+    put<kStream>(yb, y + half + j);
   });
 }
 
 // Interleaved: element 2i pairs with 2i + 1, both in the same vector.
-template <bool kBackward, typename scalar_t, typename acc_t>
-void interleaved_row(const scalar_t* x, scalar_t* y, const scalar_t* c, const scalar_t* s, int64_t rotary,
-                     bool stream) {
+template <bool kBackward, bool kStream, typename scalar_t, typename acc_t>
+void interleaved_row(const scalar_t* x, scalar_t* y, const scalar_t* c, const scalar_t* s, int64_t rotary) {
   using V = VecOf<acc_t>;
   int64_t j = 0;
   if constexpr (V::kLanes >= 2) {
@@ -122,7 +156,7 @@ void interleaved_row(const scalar_t* x, scalar_t* y, const scalar_t* c, const sc
       } else {
         out = rm::forward(xv, flip_even(swap_pairs(xv)), cv, sv);  // rot(x)
       }
-      put(out, y + j, stream);
+      put<kStream>(out, y + j);
     }
   }
   using S = Scalar<acc_t>;
@@ -135,14 +169,13 @@ void interleaved_row(const scalar_t* x, scalar_t* y, const scalar_t* c, const sc
   }
 }
 
-template <bool kBackward, typename scalar_t>
-void rotate_rows(const RopeRows& rows, const scalar_t* cos, const scalar_t* sin, int64_t rotary, bool interleaved,
-                 int64_t begin, int64_t end, bool stream) {
+template <bool kBackward, bool kStream, typename scalar_t>
+void rotate_rows_impl(const RopeRows& rows, const scalar_t* cos, const scalar_t* sin, int64_t rotary,
+                      bool interleaved, int64_t begin, int64_t end) {
   using acc_t = torch_wsl::acc_type_t<scalar_t>;
   const auto* x = static_cast<const scalar_t*>(rows.x);
   auto* y = static_cast<scalar_t*>(rows.y);
-  const int64_t d = rows.layout.head_dim;
-  const size_t pass_bytes = static_cast<size_t>(d - rotary) * sizeof(scalar_t);
+  const int64_t pass = rows.layout.head_dim - rotary;
   RowCursor cur(rows.layout, begin);
   for (int64_t r = begin; r < end; ++r, cur.next()) {
     const scalar_t* xr = x + cur.off.x;
@@ -150,11 +183,21 @@ void rotate_rows(const RopeRows& rows, const scalar_t* cos, const scalar_t* sin,
     const scalar_t* cr = cos + cur.off.cos;
     const scalar_t* sr = sin + cur.off.sin;
     if (interleaved) {
-      interleaved_row<kBackward, scalar_t, acc_t>(xr, yr, cr, sr, rotary, stream);
+      interleaved_row<kBackward, kStream, scalar_t, acc_t>(xr, yr, cr, sr, rotary);
     } else {
-      rotate_half_row<kBackward, scalar_t, acc_t>(xr, yr, cr, sr, rotary / 2, stream);
+      rotate_half_row<kBackward, kStream, scalar_t, acc_t>(xr, yr, cr, sr, rotary / 2);
     }
-    if (pass_bytes > 0) std::memcpy(yr + rotary, xr + rotary, pass_bytes);  // bits as they are, as torch.cat
+    if (pass > 0) copy_row_tail<kStream>(xr + rotary, yr + rotary, pass);
+  }
+}
+
+template <bool kBackward, typename scalar_t>
+void rotate_rows(const RopeRows& rows, const scalar_t* cos, const scalar_t* sin, int64_t rotary, bool interleaved,
+                 int64_t begin, int64_t end, bool stream) {
+  if (stream) {
+    rotate_rows_impl<kBackward, true>(rows, cos, sin, rotary, interleaved, begin, end);
+  } else {
+    rotate_rows_impl<kBackward, false>(rows, cos, sin, rotary, interleaved, begin, end);
   }
 }
 

@@ -46,7 +46,9 @@ def apply_rotary_pos_emb(
     with ``unsqueeze_dim=1``; for ``[batch, seq, heads, head_dim]`` pass
     ``unsqueeze_dim=2``. q and k may be any strided views (the
     ``x.view(b, s, h, d).transpose(1, 2)`` of the attention projections reads
-    in place).
+    in place). Unlike plain broadcasting, a table may not grow q's or k's shape
+    (the outputs keep it): such a table, like one that does not broadcast,
+    raises an error naming it and the shapes.
 
     ``rotary_dim = cos.shape[-1]`` may be smaller than ``head_dim``: then the
     first ``rotary_dim`` elements of each head rotate and the rest pass through
@@ -74,7 +76,8 @@ def apply_rotary_pos_emb(
     in memory), so the attention kernel that follows reads them without a copy.
 
     Gradients flow to q and k (the rotation by minus the angle, one launch for
-    both). cos and sin are not differentiated (transformers computes them
+    both; exactly the transpose of the forward, so scaled tables such as YaRN's
+    are right too), laid out like q and k. cos and sin are not differentiated (transformers computes them
     without gradients); a cos or sin that requires grad raises rather than
     silently getting no gradient.
     """
