@@ -1,7 +1,22 @@
 """Python side of the torch.ops.torch_wsl operators: thin wrappers, fake kernels and autograd."""
 
-from . import norm, optim, rope
+from . import activation, norm, optim, rope
+from .activation import gelu_mul, gelu_mul_packed, silu_mul, silu_mul_packed
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .rope import apply_rotary_pos_emb
 
-__all__ = ["add_layer_norm", "add_rms_norm", "apply_rotary_pos_emb", "layer_norm", "norm", "optim", "rms_norm", "rope"]
+__all__ = [
+    "activation",
+    "add_layer_norm",
+    "add_rms_norm",
+    "apply_rotary_pos_emb",
+    "gelu_mul",
+    "gelu_mul_packed",
+    "layer_norm",
+    "norm",
+    "optim",
+    "rms_norm",
+    "rope",
+    "silu_mul",
+    "silu_mul_packed",
+]
