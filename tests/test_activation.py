@@ -275,8 +275,8 @@ def test_non_finite_propagate_like_eager(kind, dtype, device, cpu_isa):
     dy = torch.ones_like(gate)
     g64, u64 = gate.clone().requires_grad_(), up.clone().requires_grad_()
     want_gg, want_gu = (t.to(dtype) for t in torch.autograd.grad(eager_act(kind, g64) * u64, (g64, u64), dy))
-    gg, gu = (t.cpu() for t in ours_backward(kind, dy.to(device=device, dtype=dtype), gate.to(device=device, dtype=dtype),
-                                             up.to(device=device, dtype=dtype)))
+    on = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    gg, gu = (t.cpu() for t in ours_backward(kind, on(dy), on(gate), on(up)))
     if kind == "gelu_tanh":
         huge = gate.abs() == 3e38
         ge = gate.to(dtype).requires_grad_()

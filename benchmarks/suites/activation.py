@@ -48,7 +48,8 @@ def _ours(op: str) -> Callable:
 
 
 def _bytes(mode: str, numel: int, elem: int) -> int:
-    """Minimum DRAM traffic: gate and up read, the output written; backward: dy, gate, up read, both gradients written."""
+    """Minimum DRAM traffic: gate and up read, the output written; backward: dy, gate, up read,
+    both gradients written."""
     fwd = 3 * numel * elem
     bwd = 5 * numel * elem
     return fwd if mode == "fwd" else fwd + bwd

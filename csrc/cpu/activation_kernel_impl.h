@@ -42,8 +42,9 @@ Scalar<acc_t> normal_cdf(Scalar<acc_t> x, Scalar<acc_t>* density) {
 }
 
 #if TWSL_CPU_ISA_LEVEL >= 1
-// vec.h's exp (the same reduction and polynomial) where the argument -|x| is
-// never positive: one clamp instead of two, -|x| in one operation, and the
+// vec.h's exp (the same reduction, with the rest c of the reduced argument
+// kept apart, and the same polynomial) where the argument -|x| is never
+// positive: one clamp instead of two, -|x| in one operation, and the
 // polynomial by Estrin's scheme (depth 3 instead of 5).
 inline VecF exp_neg_abs(VecF x) {
   using namespace vec_math_detail;
@@ -54,12 +55,14 @@ inline VecF exp_neg_abs(VecF x) {
 #endif
   const VecF y = max_keep_nan(neg_abs, splat(-104.0f));  // exp is 0 in float below
   const VecF n = round_nearest(y * splat(1.44269502f));
-  const VecF r = VecF::fmadd(n, splat(-kLn2Lo), VecF::fmadd(n, splat(-kLn2Hi), y));
+  const VecF r = VecF::fmadd(n, splat(-kLn2Hi), y);
+  const VecF c = n * splat(-kLn2Lo);
   const VecF r2 = r * r;
   const VecF lo = VecF::fmadd(splat(0.16666521f), r, splat(0.49999994f));
   const VecF hi = VecF::fmadd(splat(0.008368675f), r, splat(0.041668262f));
   const VecF q = VecF::fmadd(VecF::fmadd(splat(0.0013821055f), r2, hi), r2, lo);
-  return scale_pow2(VecF::fmadd(r2, q, r) + splat(1.0f), n);
+  const VecF t = VecF::fmadd(r2, VecF::fmadd(q, c, q), VecF::fmadd(c, r, c));
+  return scale_pow2((r + t) + splat(1.0f), n);
 }
 
 inline VecF normal_cdf(VecF x, VecF* density) { return am::normal_cdf_f32(x, density); }
