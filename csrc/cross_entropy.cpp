@@ -126,11 +126,13 @@ void check_loss_grad_inputs(const char* op, const Tensor& input, const CeRows& r
 
 // ---------------------------------------------------------------- linear cross-entropy
 
-// Hidden states up to this many tokens per chunk default to one chunk's
-// logits the size of the hidden states; below it the weight-gradient matmul
-// (inner dimension: the chunk's tokens) loses efficiency and every chunk
-// re-reads the whole weight gradient. See default_linear_chunk.
-constexpr int64_t kMinDefaultChunk = 256;
+// The default chunk: its logits about the size of the hidden states, but at
+// least this many tokens. Every chunk runs three matmuls whose shapes shrink
+// with it (the weight gradient's inner dimension is the chunk's tokens),
+// re-reads the weight twice and re-reads and re-writes the weight gradient;
+// below ~512 tokens that costs more than 10% of a CPU step at Llama 3's sizes.
+// torch_wsl/ops/cross_entropy.py's default_chunk_size mirrors this.
+constexpr int64_t kMinDefaultChunk = 512;
 
 int64_t default_linear_chunk(int64_t tokens, int64_t hidden, int64_t vocab) {
   const int64_t same_size = (tokens * hidden + vocab - 1) / std::max<int64_t>(vocab, 1);
@@ -138,9 +140,11 @@ int64_t default_linear_chunk(int64_t tokens, int64_t hidden, int64_t vocab) {
 }
 
 int64_t split_slab_rows(int64_t hidden, int64_t elem_bytes, bool cuda) {
-  // A slab's product: ~4 MiB stays in this CPU's L2/L3 for the accumulation
-  // that follows; on a GPU, 64 MiB keeps the launches per chunk few.
-  const int64_t bytes = cuda ? (int64_t{64} << 20) : (int64_t{4} << 20);
+  // A slab's product (~32 MiB here, 64 MiB on a GPU) is read back by the
+  // accumulation right after the matmul wrote it, from the last-level cache
+  // on this CPU; larger slabs mean fewer matmuls and parallel regions (CPU)
+  // or launches (GPU) per chunk.
+  const int64_t bytes = cuda ? (int64_t{64} << 20) : (int64_t{32} << 20);
   return std::max<int64_t>(1, bytes / std::max<int64_t>(hidden * elem_bytes, 1));
 }
 

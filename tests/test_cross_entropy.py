@@ -257,7 +257,7 @@ def test_any_chunk_size_gives_the_same_result(device, dtype):
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(4096, 2048, 128256) == 256  # Llama 3: at least 256 tokens
+    assert default_chunk_size(4096, 2048, 128256) == 512  # Llama 3: at least 512 tokens
     assert default_chunk_size(65536, 4096, 32000) == 8389  # logits of a chunk = size of the hidden states
     assert default_chunk_size(100, 2048, 128256) == 100  # never more than the tokens
     assert default_chunk_size(0, 16, 16) == 1

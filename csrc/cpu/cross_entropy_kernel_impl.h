@@ -39,6 +39,21 @@ inline T nan_max(T a, T b) {
   return (a != a || a > b) ? a : b;
 }
 
+// max(acc, z) per lane, ignoring a NaN z (one instruction; a NaN in a row
+// still reaches the row's sum of exponentials, see row_stats).
+template <typename V>
+inline V max_ignoring_nan(V acc, V z) {
+  if constexpr (V::kLanes == 1) {
+    return {z.v > acc.v ? z.v : acc.v};
+  } else {
+#if TWSL_CPU_ISA_LEVEL >= 2
+    return {_mm512_max_ps(z.v, acc.v)};  // the second operand when either is NaN
+#elif TWSL_CPU_ISA_LEVEL >= 1
+    return {_mm256_max_ps(z.v, acc.v)};
+#endif
+  }
+}
+
 template <typename acc_t, typename V>
 inline acc_t max_lanes(V v) {
   if constexpr (V::kLanes == 1) {
@@ -136,7 +151,7 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t target, const Consts<acc_t>
         }
         z.store(buf + j);
       }
-      vmax = vmax.maximum(z);
+      vmax = max_ignoring_nan(vmax, z);
       if constexpr (kSmooth == kUniformSmooth) {
         if constexpr (W::kLanes == 1) {
           lin += (z - sref).v;
@@ -164,8 +179,21 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t target, const Consts<acc_t>
       tmax = nan_max(one.v, tmax);
     }
     // Pass B (L1): rescale the running sum once, add this tile's exponentials.
+    // The maxima skip NaNs; a NaN logit makes its exponential, and so the
+    // row's sum and log-sum-exp, NaN, as in eager PyTorch. A tile with no
+    // value above -inf yet adds nothing, unless it holds a NaN.
     const acc_t m_new = nan_max(tmax, m);
-    if (m_new == kNegInf) continue;  // only -inf so far: nothing to add
+    if (m_new == kNegInf) {
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t z = kCap ? buf[j] : static_cast<acc_t>(xt[j]);
+        if (z != z) {
+          m = z;
+          s = z;
+          break;
+        }
+      }
+      continue;
+    }
     const acc_t ts = sum_lanes<acc_t>(n, [&](auto tag, int64_t j) {
       using W = decltype(tag);
       const W z = kCap ? W::load(buf + j) : W::load(xt + j);

@@ -30,7 +30,7 @@ __all__ = ["cross_entropy", "cross_entropy_loss_grad_", "default_chunk_size", "l
 _ops = torch.ops.torch_wsl
 _REDUCTIONS = ("none", "mean", "sum")
 # Mirrors csrc/cross_entropy.cpp's kMinDefaultChunk.
-_MIN_DEFAULT_CHUNK = 256
+_MIN_DEFAULT_CHUNK = 512
 
 
 def cross_entropy(
@@ -109,10 +109,13 @@ def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
     """The tokens per chunk ``linear_cross_entropy`` uses when ``chunk_size`` is None.
 
     A chunk's logits (``chunk x vocab``) about the size of the hidden states
-    (``tokens x hidden``), but at least 256 tokens (the weight gradient's
-    matmul over a chunk has the chunk's tokens as its inner dimension, and
-    each chunk re-reads and re-writes the whole weight gradient), and at most
-    all tokens. Llama 3 (hidden 2048, vocab 128256) at 4096 tokens: 256.
+    (``tokens x hidden``), but at least 512 tokens, and at most all tokens.
+    The floor is for speed: every chunk runs three matmuls whose shapes shrink
+    with the chunk (the weight gradient's has the chunk's tokens as its inner
+    dimension), re-reads the weight twice and re-reads and re-writes the
+    weight gradient once; below ~512 tokens that costs more than 10% on a CPU
+    (measured here at Llama 3's sizes). Llama 3 (hidden 2048, vocab 128256)
+    at 4096 tokens: 512 tokens, chunk logits 1/8 of the full logits.
     """
     same_size = -(-tokens * hidden // max(vocab, 1))
     return max(1, min(tokens, max(same_size, _MIN_DEFAULT_CHUNK)))
@@ -427,38 +430,53 @@ def _setup_linear_cross_entropy(ctx, inputs, output):
     input, weight, target, bias, ignore_index, reduction, label_smoothing, softcap, chunk_size, grad_mask = inputs
     _, gi, gw, gb = output
     ctx.mark_non_differentiable(gi, gw, gb)
-    ctx.fused = reduction != "none"
+    ctx.reduction = reduction
     ctx.grad_mask = list(grad_mask)
     ctx.has_bias = bias is not None
     ctx.options = (ignore_index, label_smoothing, softcap, chunk_size)
-    if ctx.fused:
-        # The gradients were formed in the forward; the backward scales them.
-        ctx.save_for_backward(gi, gw, gb)
-    else:
-        ctx.save_for_backward(input, weight, target, bias)
+    ctx.save_for_backward(input, weight, target, bias)
+    # With a reduction, the forward formed the gradients: the first backward
+    # takes them (off the context, so nothing else holds them) and scales
+    # them in place; no weight-sized copy is made.
+    ctx.fused_grads = [gi, gw, gb] if reduction != "none" else None
+
+
+def _tracing(t: Tensor) -> bool:
+    """Whether the backward is being traced (torch.compile, AOT autograd, make_fx) or runs on tensor subclasses:
+    there, mutating the forward's outputs is not allowed (and a compiler plans the memory itself)."""
+    return torch.compiler.is_compiling() or type(t) is not Tensor or torch._C._len_torch_dispatch_stack() > 0
 
 
 def _backward_linear_cross_entropy(ctx, grad_loss, _gi, _gw, _gb):
     needs = [_needs(ctx, 0), _needs(ctx, 1), ctx.has_bias and _needs(ctx, 3)]
-    if ctx.fused:
+    if ctx.fused_grads is not None:
         for i, name in enumerate(("input", "weight", "bias")):
             if needs[i] and not ctx.grad_mask[i]:
                 raise RuntimeError(
                     f"torch_wsl.linear_cross_entropy: the gradient of {name} was not computed in the forward "
                     f"({name} did not require grad, or grad mode was off, when the loss was computed)"
                 )
-        # Out of place: scaling the saved gradients in place would save one
-        # weight-sized copy, but break a second backward through the graph
-        # (retain_graph, gradcheck) and AOT autograd's partitioner. The copy
-        # does not raise the peak: the forward held the same bytes more.
-        grads = [g * grad_loss if need else None for g, need in zip(ctx.saved_tensors, needs)]
-    else:
-        input, weight, target, bias = ctx.saved_tensors
-        ignore_index, label_smoothing, softcap, chunk_size = ctx.options
-        gi, gw, gb = _ops.linear_cross_entropy_backward(
-            grad_loss, input, weight, target, bias, ignore_index, label_smoothing, softcap, chunk_size, needs
-        )
-        grads = [gi if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None]
+        fused, ctx.fused_grads = ctx.fused_grads, None
+        if _tracing(grad_loss):
+            grads = [g * grad_loss if need else None for g, need in zip(fused, needs)]
+        else:
+            grads = [g.mul_(grad_loss) if need else None for g, need in zip(fused, needs)]
+        del fused
+        return grads[0], grads[1], None, grads[2], None, None, None, None, None, None
+    # Per-token losses, or a second backward through the same graph
+    # (retain_graph, gradcheck): the chunks are run again with each token's
+    # upstream gradient.
+    input, weight, target, bias = ctx.saved_tensors
+    ignore_index, label_smoothing, softcap, chunk_size = ctx.options
+    per_token = grad_loss
+    if ctx.reduction != "none":
+        per_token = grad_loss.expand(target.shape)
+        if ctx.reduction == "mean":
+            per_token = per_token / (target != ignore_index).sum()
+    gi, gw, gb = _ops.linear_cross_entropy_backward(
+        per_token, input, weight, target, bias, ignore_index, label_smoothing, softcap, chunk_size, needs
+    )
+    grads = [gi if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None]
     return grads[0], grads[1], None, grads[2], None, None, None, None, None, None
 
 
