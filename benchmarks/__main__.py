@@ -43,6 +43,14 @@ QUICK_ROUNDS = 5
 TRIAD_MIB, QUICK_TRIAD_MIB = 256, 64
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def _csv(value: str) -> list[str]:
     return [v for v in value.split(",") if v]
 
@@ -117,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # plain output without rich
         Console = None  # type: ignore[assignment]
 
+    load_start = _load_average()
+    if load_start is not None and load_start > (os.cpu_count() or 1) - 0.5:
+        print(
+            f"warning: load average {load_start:.1f} on {os.cpu_count()} CPUs: other processes compete for the "
+            "cores, and per-round ratios only cancel drift that every member of a round sees alike",
+            file=sys.stderr,
+        )
     # The triad's arrays stay allocated: each case runs it again in its rounds.
     triad = harness.Triad(args.device, mib=args.triad_mib)
     roofline = triad.measure(min_seconds=0.1 if args.quick else 0.5)
@@ -191,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         "min_seconds": args.min_seconds,
         "order": "round r: the contenders then the triad, rotated by r // 2, reversed on odd rounds",
     }
-    harness.write_json(
-        args.out, harness.machine_info(args.device), roofline, results, ["python", "-m", "benchmarks", *argv], timing
-    )
+    machine = harness.machine_info(args.device)
+    machine["load_average"] = {"start": load_start, "end": _load_average()}
+    harness.write_json(args.out, machine, roofline, results, ["python", "-m", "benchmarks", *argv], timing)
     print(f"wrote {args.out}")
     return 0
 

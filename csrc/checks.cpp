@@ -26,28 +26,36 @@ void fail(std::string_view op, std::string_view arg, const std::string& expectat
 
 void floating(std::string_view op, std::string_view arg, const at::Tensor& t) {
   const auto d = t.scalar_type();
-  that(d == at::kFloat || d == at::kHalf || d == at::kBFloat16 || d == at::kDouble, op, arg,
-       "to have a floating dtype (float32, float16, bfloat16 or float64)", dtype_name(d));
+  if (C10_UNLIKELY(!(d == at::kFloat || d == at::kHalf || d == at::kBFloat16 || d == at::kDouble))) {
+    fail(op, arg, "to have a floating dtype (float32, float16, bfloat16 or float64)", dtype_name(d));
+  }
 }
 
 void integer(std::string_view op, std::string_view arg, const at::Tensor& t) {
   const auto d = t.scalar_type();
-  that(d == at::kLong || d == at::kInt, op, arg, "to have an integer dtype (int64 or int32)", dtype_name(d));
+  if (C10_UNLIKELY(!(d == at::kLong || d == at::kInt))) {
+    fail(op, arg, "to have an integer dtype (int64 or int32)", dtype_name(d));
+  }
 }
 
 void same_device(std::string_view op, std::string_view arg, const at::Tensor& t, std::string_view ref_arg, const at::Tensor& ref) {
-  that(t.device() == ref.device(), op, arg, c10::str("to be on the same device as ", ref_arg, " (", ref.device(), ")"),
-       t.device());
+  // Messages are built only on failure: these run on every operator call.
+  if (C10_UNLIKELY(t.device() != ref.device())) {
+    fail(op, arg, c10::str("to be on the same device as ", ref_arg, " (", ref.device(), ")"), c10::str(t.device()));
+  }
 }
 
 void same_dtype(std::string_view op, std::string_view arg, const at::Tensor& t, std::string_view ref_arg, const at::Tensor& ref) {
-  that(t.scalar_type() == ref.scalar_type(), op, arg,
-       c10::str("to have the dtype of ", ref_arg, " (", dtype_name(ref.scalar_type()), ")"),
-       dtype_name(t.scalar_type()));
+  if (C10_UNLIKELY(t.scalar_type() != ref.scalar_type())) {
+    fail(op, arg, c10::str("to have the dtype of ", ref_arg, " (", dtype_name(ref.scalar_type()), ")"),
+         dtype_name(t.scalar_type()));
+  }
 }
 
 void same_shape(std::string_view op, std::string_view arg, const at::Tensor& t, std::string_view ref_arg, const at::Tensor& ref) {
-  that(t.sizes() == ref.sizes(), op, arg, c10::str("to have the shape of ", ref_arg, " ", ref.sizes()), t.sizes());
+  if (C10_UNLIKELY(t.sizes() != ref.sizes())) {
+    fail(op, arg, c10::str("to have the shape of ", ref_arg, " ", ref.sizes()), c10::str(t.sizes()));
+  }
 }
 
 void like(std::string_view op, std::string_view arg, const at::Tensor& t, std::string_view ref_arg, const at::Tensor& ref) {
@@ -57,11 +65,11 @@ void like(std::string_view op, std::string_view arg, const at::Tensor& t, std::s
 }
 
 void dim_at_least(std::string_view op, std::string_view arg, const at::Tensor& t, int64_t dims) {
-  that(t.dim() >= dims, op, arg, c10::str("to have at least ", dims, " dimensions"), "shape ", t.sizes());
+  if (C10_UNLIKELY(t.dim() < dims)) fail(op, arg, c10::str("to have at least ", dims, " dimensions"), c10::str("shape ", t.sizes()));
 }
 
 void dim_is(std::string_view op, std::string_view arg, const at::Tensor& t, int64_t dims) {
-  that(t.dim() == dims, op, arg, c10::str("to have ", dims, " dimensions"), "shape ", t.sizes());
+  if (C10_UNLIKELY(t.dim() != dims)) fail(op, arg, c10::str("to have ", dims, " dimensions"), c10::str("shape ", t.sizes()));
 }
 
 }  // namespace torch_wsl::check

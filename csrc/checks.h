@@ -22,7 +22,8 @@ std::string dtype_name(c10::ScalarType t);
 // Throws the one message format (a RuntimeError in Python).
 [[noreturn]] void fail(std::string_view op, std::string_view arg, const std::string& expectation, const std::string& got);
 
-// The general form: when !ok, "expected <arg> <expectation...>, got <got...>".
+// The general form: when !ok, "expected <arg> <expectation>, got <got...>". The expectation string is
+// built by the caller before the test: on hot paths, test first and call fail() (as checks.cpp does).
 template <typename... Got>
 void that(bool ok, std::string_view op, std::string_view arg, const std::string& expectation, const Got&... got) {
   if (C10_UNLIKELY(!ok)) fail(op, arg, expectation, c10::str(got...));

@@ -236,7 +236,7 @@ def test_cli_quick_norm_run(tmp_path):
     assert "vs baseline" in p.stdout and "baseline" in p.stdout and "triad in the cases' rounds" in p.stdout
     doc = json.loads(out.read_text())
     assert doc["schema_version"] == 2 and doc["timing"]["rounds"] == 3 and doc["roofline"]["array_mib"] == 64
-    assert doc["roofline"]["in_round_gbps"]["cases"] == 1
+    assert doc["roofline"]["in_round_gbps"]["cases"] == 1 and "start" in doc["machine"]["load_average"]
     by = {r["contender"]: r for r in doc["results"]}
     assert set(by) == {"torch_wsl", "eager"}
     assert by["eager"]["speedup_vs_baseline"] == 1.0 and by["torch_wsl"]["baseline"] == "eager"

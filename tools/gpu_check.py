@@ -85,6 +85,15 @@ MEMCHECK_TESTS = [
     "tests/test_optim.py::test_adam_trajectory_half[AdamW-ams-max-wd0.0-lrT-bf16-cuda]",
     "tests/test_optim.py::test_sgd_trajectory_half[m0.9-d0.0-nest-wd0.1-max-lrT-fp16-cuda]",
     "tests/test_clip_grad.py::test_matches_torch[clips-2.0-bf16-cuda]",
+    # the issue-9 families, every registered sample (odd sizes, empty, strided views) forward and backward
+    "tests/test_ops.py::test_matches_reference[silu_mul_packed-bf16-cuda]",
+    "tests/test_ops.py::test_matches_reference[gelu_mul-fp16-cuda]",
+    "tests/test_ops.py::test_matches_reference[apply_rotary_pos_emb-bf16-cuda]",
+    "tests/test_ops.py::test_matches_reference[apply_rotary_pos_emb-partial-fp32-cuda]",
+    "tests/test_ops.py::test_matches_reference[apply_rotary_pos_emb-interleaved-fp16-cuda]",
+    "tests/test_ops.py::test_matches_reference[cross_entropy-bf16-cuda]",
+    "tests/test_ops.py::test_matches_reference[linear_cross_entropy-fp32-cuda]",
+    "tests/test_ops.py::test_matches_reference[cross_entropy_loss_grad_-fp32-cuda]",
 ]
 #: Under racecheck (shared-memory hazards), checking only torch_wsl's kernels (their mangled names hold the
 #: namespace): the norm backward's weight/bias-gradient reduction (and the row reductions of the forward
@@ -95,6 +104,9 @@ RACECHECK_TESTS = [
     "tests/test_norm.py::test_backward_matches_reference[b1000-n96-wb-layer_norm-fp32-cuda]",
     "tests/test_clip_grad.py::test_matches_torch[clips-2.0-fp32-cuda]",
     "tests/test_clip_grad.py::test_matches_torch[no-clip-inf-bf16-cuda]",
+    # cross-entropy's per-row block reductions (online max / sum-exp) and the weighted-mean sums
+    "tests/test_ops.py::test_matches_reference[cross_entropy-fp32-cuda]",
+    "tests/test_cross_entropy.py::test_label_smoothing_weights_ignore_match_torch[True-0.1-mean-cuda]",
 ]
 #: The norm and optimizer suites (the alloc suite measures CPU only); no torch.compile contender,
 #: whose cold compiles of every case would not fit the time budget (--bench-args to change).

@@ -5,6 +5,6 @@ A suite may also define `add_args(parser)` (its own options), and `run(args)
 something other than per-call operator time (the allocator suite does).
 """
 
-from . import alloc, norm, optim
+from . import activation, alloc, cross_entropy, norm, optim, rope
 
-SUITES = {"norm": norm, "optim": optim, "alloc": alloc}
+SUITES = {"norm": norm, "activation": activation, "rope": rope, "cross_entropy": cross_entropy, "optim": optim, "alloc": alloc}

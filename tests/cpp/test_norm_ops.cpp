@@ -31,7 +31,8 @@ auto add_rms_norm_op() {
   return c10::Dispatcher::singleton()
       .findSchemaOrThrow("torch_wsl::add_rms_norm", "")
       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, c10::SymIntArrayRef,
-                                                const std::optional<Tensor>&, std::optional<double>)>();
+                                                const std::optional<Tensor>&, std::optional<double>, double,
+                                                c10::string_view)>();
 }
 
 std::vector<c10::SymInt> sym(std::vector<int64_t> v) { return {v.begin(), v.end()}; }
@@ -58,7 +59,7 @@ TEST_P(NormOps, AddRmsNormMatchesATenAndStoresTheSum) {
   const auto x = at::randn({7, 4099});
   const auto r = at::randn({7, 4099});
   const auto w = at::randn({4099});
-  auto [out, res_out, rstd] = add_rms_norm_op().call(x, r, sym({4099}), w, 1e-6);
+  auto [out, res_out, rstd] = add_rms_norm_op().call(x, r, sym({4099}), w, 1e-6, 0.0, "torch");
   EXPECT_TRUE(at::equal(res_out, x + r));
   EXPECT_TRUE(at::allclose(out, at::rms_norm(x + r, {4099}, w, 1e-6), 1e-5, 1e-5));
 }
@@ -78,7 +79,7 @@ TEST(NormOpsErrors, WeightShapeMismatchNamesTheArgument) {
 
 TEST(NormOpsErrors, ResidualShapeMismatchNamesTheArgument) {
   try {
-    add_rms_norm_op().call(at::randn({4, 8}), at::randn({4, 9}), sym({8}), std::nullopt, std::nullopt);
+    add_rms_norm_op().call(at::randn({4, 8}), at::randn({4, 9}), sym({8}), std::nullopt, std::nullopt, 0.0, "torch");
     FAIL() << "expected an error";
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what_without_backtrace()).find("residual"), std::string::npos);

@@ -1,0 +1,122 @@
+"""Gated MLP activations (SwiGLU, GeGLU; the packed Phi-3 layout): eager vs torch.compile vs torch_wsl.
+
+Sizes are tokens x intermediate size: 11008 is Llama-2-7B's MLP, 14336
+Llama-3-8B's and Mistral-7B's. The eager contender is the models' own code:
+``F.silu(gate) * up`` (LlamaMLP), ``F.gelu(gate, approximate="tanh") * up``
+(Gemma), ``F.gelu(gate) * up`` (the GeGLU paper's erf GELU), and for the packed
+layout Phi3MLP's ``gate, up = gate_up.chunk(2, -1); up * F.silu(gate)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..harness import Case, Contender
+from .norm import _compiled_kernel_counter
+
+DEFAULTS = {"sizes": ["4096x11008", "4096x14336"], "dtypes": ["fp32", "bf16"], "modes": ["fwd", "fwd+bwd"]}
+OPS = ["swiglu", "geglu_tanh", "geglu", "swiglu_packed"]
+
+
+def _eager(op: str) -> Callable:
+    if op == "swiglu":
+        return lambda gate, up: F.silu(gate) * up
+    if op == "geglu_tanh":
+        return lambda gate, up: F.gelu(gate, approximate="tanh") * up
+    if op == "geglu":
+        return lambda gate, up: F.gelu(gate) * up
+
+    def phi3(gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return up * F.silu(gate)
+
+    return phi3
+
+
+def _ours(op: str) -> Callable:
+    from torch_wsl.ops import activation as act
+
+    return {
+        "swiglu": act.silu_mul,
+        "geglu_tanh": lambda gate, up: act.gelu_mul(gate, up, approximate="tanh"),
+        "geglu": act.gelu_mul,
+        "swiglu_packed": act.silu_mul_packed,
+    }[op]
+
+
+def _bytes(mode: str, numel: int, elem: int) -> int:
+    """Minimum DRAM traffic: gate and up read, the output written; backward: dy, gate, up read,
+    both gradients written."""
+    fwd = 3 * numel * elem
+    bwd = 5 * numel * elem
+    return fwd if mode == "fwd" else fwd + bwd
+
+
+def cases(args) -> Iterator[Case]:
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    for op in args.ops or OPS:
+        for size in args.sizes:
+            m, n = (int(v) for v in size.split("x"))
+            for dname in args.dtypes:
+                for mode in args.modes:
+                    yield _case(op, m, n, dname, dtypes[dname], mode, args.device, args.compile)
+
+
+def _case(op, m, n, dname, dtype, mode, device, with_compile) -> Case:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    make = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    packed = op.endswith("_packed")
+    train = mode != "fwd"
+    leaves = [make(m, 2 * n)] if packed else [make(m, n), make(m, n)]
+    dy = make(m, n)
+    for t in leaves:
+        t.requires_grad_(train)
+
+    def runner(fn: Callable) -> Callable[[], object]:
+        if not train:
+
+            def fwd():
+                with torch.no_grad():
+                    return fn(*leaves)
+
+            return fwd
+
+        def fwd_bwd():
+            for t in leaves:
+                t.grad = None
+            torch.autograd.backward(fn(*leaves), dy)
+
+        return fwd_bwd
+
+    contenders = [Contender("eager", runner(_eager(op)))]
+    if with_compile:
+        reset, count = _compiled_kernel_counter()
+        call = runner(torch.compile(_eager(op), fullgraph=True, dynamic=False))
+        state = {"kernels": None}
+
+        def first_then_call():
+            if state["kernels"] is None:
+                reset()
+                call()
+                state["kernels"] = count()
+                return None
+            return call()
+
+        contenders.append(
+            Contender("compile", first_then_call, launches=lambda: state["kernels"], dispatch_mode_ok=False)
+        )
+    contenders.append(Contender("torch_wsl", runner(_ours(op))))
+    return Case(
+        suite="activation",
+        op=op,
+        mode=mode,
+        dtype=dname,
+        shape=(m, n),
+        bytes_moved=_bytes(mode, m * n, dy.element_size()),
+        contenders=contenders,
+        device=device,
+        baseline="eager",
+    )
