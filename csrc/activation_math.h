@@ -77,7 +77,7 @@ TWSL_HOST_DEVICE T madd(T a, T b, T c) {
 TWSL_HOST_DEVICE float exp_neg_abs(float x) { return exp(-abs(x)); }
 TWSL_HOST_DEVICE double exp_neg_abs(double x) { return exp(-abs(x)); }
 
-// 1 / d for d >= 1, +inf included (-> 0); NaN gives NaN.
+// 1 / d for finite d >= 1 (the only denominators below).
 TWSL_HOST_DEVICE float reciprocal_ge1(float d) { return 1.0f / d; }
 TWSL_HOST_DEVICE double reciprocal_ge1(double d) { return 1.0 / d; }
 
@@ -111,9 +111,9 @@ TWSL_HOST_DEVICE Logistic<T> logistic(T x) {
 // Phi = q for x < 0, 1 - q for x >= 0. exp(-x^2 / 2) is taken of the rounded
 // square and corrected by (1 - lo / 2), lo the square's rounding error (exact
 // by FMA); the density is the same exponential, so the backward pass needs no
-// second one. The square is of |x| capped at 16 (so no inf * 0 for huge |x|;
-// the exponential is 0 there anyway), and |x| = inf gives t = 0, so
-// Phi(+inf) = 1 and NaN reaches Phi through t.
+// second one. Both are formed from |x| capped at 16: the exponential is 0
+// there already, so q = 0 and Phi(+inf) = 1, with no inf * 0 from the square
+// or the reciprocal (NaN x still gives NaN: the caller multiplies by x).
 template <typename T>
 TWSL_HOST_DEVICE T normal_cdf_f32(T x, T* density) {
   const T ax = abs(x);
@@ -122,7 +122,7 @@ TWSL_HOST_DEVICE T normal_cdf_f32(T x, T* density) {
   const T lo = madd(xc, xc, splat<T>(0) - hi);
   const T e0 = exp_neg_abs(splat<T>(0.5) * hi);
   const T e = madd(e0, splat<T>(-0.5) * lo, e0);
-  const T t = reciprocal_ge1(madd(splat<T>(0.385f * kSqrtHalf), ax, splat<T>(1)));
+  const T t = reciprocal_ge1(madd(splat<T>(0.385f * kSqrtHalf), xc, splat<T>(1)));
   const T t2 = t * t;
   const T t4 = t2 * t2;
   const T p01 = madd(splat<T>(0.5 * 0.21697935461997986), t, splat<T>(0.5 * 0.21722109615802765));
