@@ -60,6 +60,68 @@ class Contender:
     dispatch_mode_ok: bool = True
 
 
+def compiled_kernel_counter() -> tuple[Callable[[], None], Callable[[], Optional[int]]]:
+    """(reset, count) of the kernels Inductor generates: the compiled contender's launch count."""
+    try:
+        from torch._inductor import metrics
+    except ImportError:  # pragma: no cover
+        return (lambda: None), (lambda: None)
+    return metrics.reset, (lambda: metrics.generated_kernel_count)
+
+
+def compile_contender(call: Callable[[], object], name: str = "compile") -> Contender:
+    """A torch.compile'd contender: its first call (the compilation) records how many kernels
+    Inductor generated, which stands for its launches."""
+    reset, count = compiled_kernel_counter()
+    state: dict = {"kernels": None}
+
+    def first_then_call():
+        if state["kernels"] is None:
+            reset()
+            call()
+            state["kernels"] = count()
+            return None
+        return call()
+
+    return Contender(name, first_then_call, launches=lambda: state["kernels"], dispatch_mode_ok=False)
+
+
+def step(train: bool, fn: Callable, inputs: Callable[[], tuple]) -> Callable[[], object]:
+    """One timed call of `fn` as a suite's mode asks: the forward under no_grad, or forward and
+    backward. `inputs()` gives (args, leaves, grads): fn's arguments, the leaves whose .grad is
+    cleared before each call (so no contender pays for accumulation), and the gradients fed to
+    fn's outputs (None for a scalar loss). A callable, so a suite may make its tensors lazily."""
+    if not train:
+
+        def fwd():
+            args, _, _ = inputs()
+            with torch.no_grad():
+                return fn(*args)
+
+        return fwd
+
+    def fwd_bwd():
+        args, leaves, grads = inputs()
+        for t in leaves:
+            t.grad = None
+        out = fn(*args)
+        torch.autograd.backward(out if isinstance(out, torch.Tensor) else list(out), grads)
+
+    return fwd_bwd
+
+
+def operator_contenders(
+    train: bool, inputs: Callable[[], tuple], eager: Callable, ours: Callable, with_compile: bool
+) -> list[Contender]:
+    """An operator suite's contenders, each timed as `step` runs it: plain PyTorch ("eager", the
+    models' own code and the baseline), torch.compile of that same function, and torch_wsl."""
+    contenders = [Contender("eager", step(train, eager, inputs))]
+    if with_compile:
+        contenders.append(compile_contender(step(train, torch.compile(eager, fullgraph=True, dynamic=False), inputs)))
+    contenders.append(Contender("torch_wsl", step(train, ours, inputs)))
+    return contenders
+
+
 @dataclass
 class Case:
     suite: str

@@ -14,8 +14,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..harness import Case, Contender
-from .norm import _compiled_kernel_counter
+from ..harness import Case, operator_contenders
 
 DEFAULTS = {"sizes": ["4096x11008", "4096x14336"], "dtypes": ["fp32", "bf16"], "modes": ["fwd", "fwd+bwd"]}
 OPS = ["swiglu", "geglu_tanh", "geglu", "swiglu_packed"]
@@ -95,42 +94,11 @@ def _case(op, m, n, dname, dtype, mode, device, with_compile) -> Case:
             t.requires_grad_(train)
         return leaves, rand(m, n)
 
-    def runner(fn: Callable) -> Callable[[], object]:
-        if not train:
+    def inputs() -> tuple:
+        leaves, dy = _Inputs.get(key, make)
+        return leaves, leaves, dy
 
-            def fwd():
-                leaves, _ = _Inputs.get(key, make)
-                with torch.no_grad():
-                    return fn(*leaves)
-
-            return fwd
-
-        def fwd_bwd():
-            leaves, dy = _Inputs.get(key, make)
-            for t in leaves:
-                t.grad = None
-            torch.autograd.backward(fn(*leaves), dy)
-
-        return fwd_bwd
-
-    contenders = [Contender("eager", runner(_eager(op)))]
-    if with_compile:
-        reset, count = _compiled_kernel_counter()
-        call = runner(torch.compile(_eager(op), fullgraph=True, dynamic=False))
-        state = {"kernels": None}
-
-        def first_then_call():
-            if state["kernels"] is None:
-                reset()
-                call()
-                state["kernels"] = count()
-                return None
-            return call()
-
-        contenders.append(
-            Contender("compile", first_then_call, launches=lambda: state["kernels"], dispatch_mode_ok=False)
-        )
-    contenders.append(Contender("torch_wsl", runner(_ours(op))))
+    contenders = operator_contenders(train, inputs, _eager(op), _ours(op), with_compile)
     return Case(
         suite="activation",
         op=op,

@@ -20,13 +20,13 @@ Both are above the memory allocated before the call; the target compares
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from .. import harness
-from ..harness import Case, Contender, Result
+from ..harness import Case, Result, operator_contenders
 
 DEFAULTS = {"sizes": ["4096x32000", "4096x128256", "4096x2048x128256"], "dtypes": ["fp32", "bf16"],
             "modes": ["fwd", "fwd+bwd"]}
@@ -37,30 +37,6 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def add_args(p) -> None:
     p.add_argument("--lce-rounds", type=int, default=2,
                    help="cross_entropy suite: interleaved rounds (one call each) for linear_cross_entropy cases")
-
-
-def _compiled_kernel_counter() -> tuple[Callable[[], None], Callable[[], int | None]]:
-    try:
-        from torch._inductor import metrics
-    except ImportError:  # pragma: no cover
-        return (lambda: None), (lambda: None)
-    return metrics.reset, (lambda: metrics.generated_kernel_count)
-
-
-def _compile_contender(fn: Callable[[], object]) -> Contender:
-    """A compiled contender whose first call records how many kernels inductor generated."""
-    reset, count = _compiled_kernel_counter()
-    state = {"kernels": None}
-
-    def first_then_call():
-        if state["kernels"] is None:
-            reset()
-            fn()
-            state["kernels"] = count()
-            return None
-        return fn()
-
-    return Contender("compile", first_then_call, launches=lambda: state["kernels"], dispatch_mode_ok=False)
 
 
 def _ce_case(n: int, c: int, dname: str, mode: str, device: str, with_compile: bool) -> Case:
@@ -74,23 +50,9 @@ def _ce_case(n: int, c: int, dname: str, mode: str, device: str, with_compile: b
     train = mode != "fwd"
     x.requires_grad_(train)
 
-    def runner(fn: Callable) -> Callable[[], object]:
-        if not train:
-            def fwd():
-                with torch.no_grad():
-                    return fn(x, t)
-            return fwd
-
-        def fwd_bwd():
-            x.grad = None
-            fn(x, t).backward()
-
-        return fwd_bwd
-
     eager = lambda a, b: F.cross_entropy(a, b)  # noqa: E731
-    contenders = [Contender("eager", runner(eager)), Contender("torch_wsl", runner(lambda a, b: cross_entropy(a, b)))]
-    if with_compile:
-        contenders.insert(1, _compile_contender(runner(torch.compile(eager, fullgraph=True, dynamic=False))))
+    contenders = operator_contenders(train, lambda: ((x, t), (x,), None), eager, lambda a, b: cross_entropy(a, b),
+                                     with_compile)
     elem = x.element_size()
     # DRAM traffic at the minimum: the logits read once forward; read once more and their gradient written backward.
     bytes_moved = n * c * elem * (1 if mode == "fwd" else 3)
@@ -108,19 +70,9 @@ def _lce_case(tokens: int, hidden: int, vocab: int, dname: str, device: str, wit
     t = torch.randint(0, vocab, (tokens,), generator=g).to(device)
     t[::17] = -100
 
-    def runner(fn: Callable) -> Callable[[], object]:
-        def fwd_bwd():
-            x.grad = None
-            w.grad = None
-            fn(x, w, t).backward()
-
-        return fwd_bwd
-
     eager = lambda a, b, c: F.cross_entropy(F.linear(a, b), c)  # noqa: E731
-    contenders = [Contender("eager", runner(eager)),
-                  Contender("torch_wsl", runner(lambda a, b, c: linear_cross_entropy(a, b, c)))]
-    if with_compile:
-        contenders.insert(1, _compile_contender(runner(torch.compile(eager, fullgraph=True, dynamic=False))))
+    contenders = operator_contenders(True, lambda: ((x, w, t), (x, w), None), eager,
+                                     lambda a, b, c: linear_cross_entropy(a, b, c), with_compile)
     elem = x.element_size()
     # The least any contender moves: hidden states and weight read, their gradients written.
     bytes_moved = 2 * (tokens * hidden + vocab * hidden) * elem

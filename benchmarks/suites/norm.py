@@ -7,7 +7,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..harness import Case, Contender
+from ..harness import Case, operator_contenders
 
 DEFAULTS = {"sizes": ["4096x4096", "1024x4096"], "dtypes": ["fp32", "bf16"], "modes": ["fwd", "fwd+bwd"]}
 OPS = ["add_rms_norm", "add_layer_norm", "rms_norm", "layer_norm"]
@@ -52,14 +52,6 @@ def _bytes(op: str, mode: str, numel: int, elem: int) -> int:
     return fwd if mode == "fwd" else fwd + bwd
 
 
-def _compiled_kernel_counter() -> tuple[Callable[[], None], Callable[[], int | None]]:
-    try:
-        from torch._inductor import metrics
-    except ImportError:  # pragma: no cover
-        return (lambda: None), (lambda: None)
-    return metrics.reset, (lambda: metrics.generated_kernel_count)
-
-
 def cases(args) -> Iterator[Case]:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     device = args.device
@@ -83,44 +75,9 @@ def _case(op, m, n, dname, dtype, mode, device, with_compile) -> Case:
     for t in leaves:
         t.requires_grad_(train)
 
-    def runner(fn: Callable) -> Callable[[], object]:
-        if not train:
-
-            def fwd():
-                with torch.no_grad():
-                    return fn(x, r, w, b)
-
-            return fwd
-
-        def fwd_bwd():
-            for t in leaves:
-                t.grad = None
-            out = fn(x, r, w, b)
-            if fused:
-                torch.autograd.backward(list(out), [dy, dr])
-            else:
-                torch.autograd.backward(out, dy)
-
-        return fwd_bwd
-
-    contenders = [Contender("torch_wsl", runner(_ours(op, n))), Contender("eager", runner(_eager(op, n)))]
-    if with_compile:
-        reset, count = _compiled_kernel_counter()
-        compiled = torch.compile(_eager(op, n), fullgraph=True, dynamic=False)
-        call = runner(compiled)
-        state = {"kernels": None}
-
-        def first_then_call():
-            if state["kernels"] is None:
-                reset()
-                call()
-                state["kernels"] = count()
-                return None
-            return call()
-
-        contenders.append(
-            Contender("compile", first_then_call, launches=lambda: state["kernels"], dispatch_mode_ok=False)
-        )
+    grads = [dy, dr] if fused else dy
+    contenders = operator_contenders(train, lambda: ((x, r, w, b), leaves, grads), _eager(op, n), _ours(op, n),
+                                     with_compile)
     return Case(
         suite="norm",
         op=op,

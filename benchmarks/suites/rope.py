@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..harness import Case, Contender
+from ..harness import Case, operator_contenders
 
 DEFAULTS = {"sizes": ["4x2048x32x8x128"], "dtypes": ["fp32", "bf16"], "modes": ["fwd", "fwd+bwd"]}
 OPS = ["rotate_half", "interleaved", "partial"]
@@ -57,14 +57,6 @@ def _bytes(mode: str, nq: int, nk: int, ntable: int, elem: int) -> int:
     return one_way if mode == "fwd" else 2 * one_way
 
 
-def _compiled_kernel_counter() -> tuple[Callable[[], None], Callable[[], int | None]]:
-    try:
-        from torch._inductor import metrics
-    except ImportError:  # pragma: no cover
-        return (lambda: None), (lambda: None)
-    return metrics.reset, (lambda: metrics.generated_kernel_count)
-
-
 def _parse(size: str) -> tuple[int, int, int, int, int]:
     parts = [int(v) for v in size.split("x")]
     if len(parts) != 5:
@@ -99,46 +91,13 @@ def _case(op, size, dname, dtype, mode, device, with_compile) -> Case:
     for t in (xq, xk):
         t.requires_grad_(train)
 
-    def runner(fn: Callable) -> Callable[[], object]:
-        def call():
-            q = xq.view(b, s, hq, d).transpose(1, 2)
-            k = xk.view(b, s, hk, d).transpose(1, 2)
-            return fn(q, k, cos, sin)
+    def inputs() -> tuple:
+        # q and k as the attention projections give them, viewed afresh each call.
+        q = xq.view(b, s, hq, d).transpose(1, 2)
+        k = xk.view(b, s, hk, d).transpose(1, 2)
+        return (q, k, cos, sin), (xq, xk), [dq, dk]
 
-        if not train:
-
-            def fwd():
-                with torch.no_grad():
-                    return call()
-
-            return fwd
-
-        def fwd_bwd():
-            xq.grad = None
-            xk.grad = None
-            torch.autograd.backward(list(call()), [dq, dk])
-
-        return fwd_bwd
-
-    contenders = [Contender("eager", runner(_eager(op)))]
-    if with_compile:
-        reset, count = _compiled_kernel_counter()
-        compiled = torch.compile(_eager(op), fullgraph=True, dynamic=False)
-        call = runner(compiled)
-        state = {"kernels": None}
-
-        def first_then_call():
-            if state["kernels"] is None:
-                reset()
-                call()
-                state["kernels"] = count()
-                return None
-            return call()
-
-        contenders.append(
-            Contender("compile", first_then_call, launches=lambda: state["kernels"], dispatch_mode_ok=False)
-        )
-    contenders.append(Contender("torch_wsl", runner(_ours(op))))
+    contenders = operator_contenders(train, inputs, _eager(op), _ours(op), with_compile)
     return Case(
         suite="rope",
         op=op,
