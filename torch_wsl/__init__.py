@@ -27,10 +27,11 @@ if _C is not None:
     # Python-side registrations (fake kernels, autograd) only once the library
     # that defines the operators has loaded.
     from . import memory, nn, ops, optim  # noqa: F401
+    from .patching import optimize, restore  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "memory", "nn", "ops", "optim", "set_cpu_isa", "__version__"]
+__all__ = ["build_info", "memory", "nn", "ops", "optim", "optimize", "restore", "set_cpu_isa", "__version__"]
 
 
 def build_info() -> dict[str, Any]:
