@@ -74,6 +74,10 @@ EXPECTED = {
     "roberta": {"RobertaSelfOutput": 2, "RobertaOutput": 2},
 }
 FAMILIES = list(EXPECTED)
+# The norm each patched class runs inside add_norm: called as a module only where the fusion fell back.
+FUSED_NORM = {"Phi3DecoderLayer": "post_attention_layernorm", "Gemma2DecoderLayer": "pre_feedforward_layernorm",
+              "Gemma3DecoderLayer": "pre_feedforward_layernorm", "GPT2Block": "ln_2", "BertSelfOutput": "LayerNorm",
+              "BertOutput": "LayerNorm", "RobertaSelfOutput": "LayerNorm", "RobertaOutput": "LayerNorm"}
 ENCODER_LEN = 5
 
 
@@ -115,6 +119,17 @@ def batch(family: str, device="cpu", dtype=torch.float32, cache: bool = True) ->
 
 def patched_modules(model: nn.Module) -> list:
     return [m for m in model.modules() if _core.is_patched(m) and m.__dict__[_core._PATCH_ATTR] == "residual"]
+
+
+def count_unfused_norm_calls(model: nn.Module) -> list:
+    """A list that grows by one each time a fused norm (FUSED_NORM) runs as a module, i.e. unfused."""
+    calls = []
+    for m in model.modules():
+        name = type(m).__name__
+        if name in _ALL_CLASSES:
+            norm = getattr(m, FUSED_NORM.get(name, "post_attention_layernorm"))
+            norm.register_forward_hook(lambda *_, name=name: calls.append(name))
+    return calls
 
 
 def optimize(model: nn.Module, norms: bool = False):
@@ -190,7 +205,9 @@ def test_fp32_equal(device, family, norms):
     assert report.replaced["residual"] == EXPECTED[family]
     assert (report.count("norms") > 0) == norms
     inputs = batch(family, device)
+    unfused, unfused0 = count_unfused_norm_calls(model), count_unfused_norm_calls(ref)
     assert_close_runs(run(model, inputs), run(ref, inputs), **FP32)
+    assert unfused0 and not unfused, "the patched layers fell back to the unfused add and norm"
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -226,7 +243,9 @@ def test_bf16(family, norms):
     want = run(ref, inputs)
     for h in handles:
         h.remove()
+    unfused = count_unfused_norm_calls(model)
     got = run(model, inputs)
+    assert not unfused
     modules = dict(model.named_modules())
     assert calls.keys() == {p for p, m in modules.items() if _core.is_patched(m) and type(m).__name__ in _ALL_CLASSES}
     with torch.no_grad():
@@ -256,8 +275,10 @@ def test_train_dropout_same_rng_order(family):
     model = copy.deepcopy(ref)
     optimize(model, norms=True)
     inputs = batch(family)
+    unfused = count_unfused_norm_calls(model)
     torch.manual_seed(123)
     got = run(model, inputs)
+    assert not unfused
     torch.manual_seed(123)
     want = run(ref, inputs)
     assert_close_runs(got, want, **FP32)
@@ -291,7 +312,9 @@ def test_gradient_checkpointing(family, reentrant):
         for m in modules:
             m.register_forward_pre_hook(counter(key))  # a post hook may not run: the recompute stops early
     inputs = batch(family)
+    unfused = count_unfused_norm_calls(model)
     assert_close_runs(run(model, inputs), run(ref, inputs), **FP32)
+    assert not unfused
     n_layers = len(mlps["ref"])
     assert calls["ref"] == 2 * n_layers, "reference is not recomputed: the test does not test checkpointing"
     assert calls["model"] == calls["ref"], "the patched layers are not checkpointed"
@@ -369,10 +392,12 @@ def test_positional_arguments_bound_by_signature():
                          "position_embeddings")
     call = {**dict(zip(names, args)), **kwargs}
     positional = tuple(call.pop(n) for n in names)
-    seen = []
+    seen, unfused = [], []
     layer.self_attn.register_forward_pre_hook(lambda _m, a, k: seen.append(k), with_kwargs=True)
+    layer.post_attention_layernorm.register_forward_hook(lambda *_: unfused.append(1))
     with torch.no_grad():
         torch.testing.assert_close(layer(*positional, **call), layer0(*positional, **call), **FP32)
+    assert not unfused, "fell back to the class forward"
     assert seen and seen[0]["position_embeddings"] is positional[names.index("position_embeddings")]
 
 
