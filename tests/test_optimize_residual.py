@@ -511,3 +511,16 @@ def test_compiles_fullgraph(family):
     torch.testing.assert_close(out, out0, **FP32)
     for (name, p), p0 in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, p0.grad, **FP32, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_checkpointing_mechanism_is_recognized():
+    """transformers 5.24 checkpoints inside the class forward: recognized, so the patch checkpoints itself."""
+    from torch_wsl.patching.residual import _checkpointing
+    for family in ("llama", "gemma2", "gpt2"):
+        layer = next(m for m in make(family).modules() if type(m).__name__ in _ALL_CLASSES)
+        assert _checkpointing(type(layer)) == "forward"
+    assert _checkpointing(transformers.models.bert.modeling_bert.BertOutput) is None
+
+    class Flagged(nn.Module):
+        gradient_checkpointing = False
+    assert _checkpointing(Flagged) == "unknown"

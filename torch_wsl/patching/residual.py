@@ -90,16 +90,24 @@ class LayerParams:
         return bound
 
 
-def _checkpoints_in_forward(cls: type) -> bool:
-    """Whether ``cls.forward`` is transformers 5's checkpointing wrapper (which an instance forward bypasses)."""
+def _checkpointing(cls: type) -> Optional[str]:
+    """Where ``cls`` checkpoints: "forward" (transformers 5's wrapper of the class forward, which an
+    instance forward bypasses), "call" (a ``GradientCheckpointingLayer.__call__`` around any forward),
+    "unknown" (a ``gradient_checkpointing`` flag, mechanism not recognized), or None."""
     code = getattr(cls.forward, "__code__", None)
-    return code is not None and code.co_name == "forward_with_checkpointing"
+    if code is not None and code.co_name == "forward_with_checkpointing":
+        return "forward"
+    if any(base.__name__ == "GradientCheckpointingLayer" and "__call__" in vars(base) for base in cls.__mro__):
+        return "call"
+    return "unknown" if hasattr(cls, "gradient_checkpointing") else None
 
 
 def _wrap(module: nn.Module, params: LayerParams, body: Callable) -> Callable:
     """The instance forward: binds the call, checkpoints where the class's wrapper would, and runs
-    ``body(self, bound)``; anything it cannot bind the class's way goes to the class forward."""
-    checkpoints = _checkpoints_in_forward(type(module))
+    ``body(self, bound)``; anything it cannot bind the class's way goes to the class forward, and so
+    does a checkpointed call where the class checkpoints in a way this module does not know."""
+    checkpointing = _checkpointing(type(module))
+    checkpoints = checkpointing in ("forward", "unknown")
 
     def run(self, *args, **kwargs):
         bound = params.bind(args, kwargs)
@@ -111,6 +119,8 @@ def _wrap(module: nn.Module, params: LayerParams, body: Callable) -> Callable:
         if _RENAMED.intersection(kwargs):
             return class_forward(self)(*args, **kwargs)
         if checkpoints and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if checkpointing == "unknown":
+                return class_forward(self)(*args, **kwargs)
             # The class would first drop a cache (and use_cache) here, with a warning: let it.
             if kwargs.get("use_cache") or (not getattr(self, "_can_checkpoint_with_cache", False) and (
                     kwargs.get("cache") is not None or kwargs.get("layer_past") is not None)):
