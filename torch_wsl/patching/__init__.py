@@ -2,6 +2,7 @@
 instance (see ``_core`` for the mechanism). Each rule module registers the classes it knows."""
 
 from . import norms  # noqa: F401  (registers its rules)
+from . import residual  # noqa: F401  (registers its rules)
 from ._core import KINDS, Report, optimize, register, restore
 
 __all__ = ["KINDS", "Report", "optimize", "register", "restore"]
