@@ -63,6 +63,11 @@ def test_compile_fullgraph_after_optimize_trains(family):
     _assert_trajectory(losses, _train(eager))
     ref = tiny_causal_lm(family).train()  # and the optimized eager model trains as the unpatched one
     _assert_trajectory(losses, _train(ref))
+    # eval without labels through the same compiled module: the class's forward (the fallback traces too)
+    compiled_model.eval(), eager.eval()
+    with torch.no_grad():
+        got, expected = compiled(input_ids=ids), eager(input_ids=ids)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- PEFT LoRA

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.cross_entropy import linear_cross_entropy
-from ._core import class_forward, on_kernel_device, register
+from ._core import on_kernel_device, register
 
 __all__ = ["causal_lm_loss"]
 
@@ -156,6 +156,8 @@ def _build(module: nn.Module):
     prefix_name = prefix
     labels_at = names.index("labels")
 
+    # The class's forward is called as type(self).forward(self, ...): torch.compile cannot trace the
+    # types.MethodType that _core.class_forward builds.
     def forward(self, *args, **kwargs):
         config = self.config
         return_dict = kwargs.get("return_dict")
@@ -169,13 +171,13 @@ def _build(module: nn.Module):
                 or not on_kernel_device(head.weight, labels)
                 or getattr(self, "_loss_function", None) is not own_loss
                 or getattr(self, "loss_type", None) != loss_type):
-            return class_forward(self)(*args, **kwargs)
+            return type(self).forward(self, *args, **kwargs)
         call = dict(defaults)
         call.update(zip(names, args))
         call.update(kwargs)
         logits_to_keep = call.get("logits_to_keep", 0)
         if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool):
-            return class_forward(self)(*args, **kwargs)
+            return type(self).forward(self, *args, **kwargs)
         for name in _OWN:
             call.pop(name, None)
         outputs = getattr(self, prefix_name)(**call)
