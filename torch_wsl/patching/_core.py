@@ -18,6 +18,8 @@ do this) is left alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import re
 import types
 from collections import Counter
@@ -136,6 +138,12 @@ def is_patched(module: nn.Module) -> bool:
 
 
 def _install(module: nn.Module, kind: str, forward: Callable) -> None:
+    # The class forward's signature: Trainer keeps the dataset columns it names, generate() looks
+    # for logits_to_keep in it.
+    try:
+        forward.__signature__ = inspect.signature(type(module).forward)
+    except (TypeError, ValueError):
+        pass
     module.__dict__["forward"] = types.MethodType(forward, module)
     module.__dict__[_PATCH_ATTR] = kind
 
@@ -207,8 +215,9 @@ def restore(model: nn.Module) -> int:
 
 
 def class_forward(module: nn.Module) -> Callable:
-    """The forward the module's class defines (what a patched forward falls back to), bound."""
-    return types.MethodType(type(module).forward, module)
+    """The forward the module's class defines (what a patched forward falls back to), bound
+    (a partial: torch.compile traces it, where it does not trace a types.MethodType made in the graph)."""
+    return functools.partial(type(module).forward, module)
 
 
 def on_kernel_device(*tensors: Optional[torch.Tensor]) -> bool:
