@@ -470,7 +470,7 @@ def format_report(results: list[Result]) -> str:
     launch = any_r.extra.get("launch", {})
     given = any_r.extra.get("launch_us_given")
     cuda = any_r.device.startswith("cuda")
-    head = (f"{'model':8}{'contender':19}{'step ms':>9}{'p25-p75':>15}{'vs eager (p25-p75)':>22}{'ops/step':>9}"
+    head = (f"{'model':8}{'contender':19}{'step ms':>10}{'p25-p75':>18}{'vs eager (p25-p75)':>22}{'ops/step':>9}"
             f"{'peak MiB':>9}" + (f"{'syncs':>6}" if cuda else "")
             + f"{'launch ms':>10}" + (f"{'@' + format(given, 'g') + 'us':>10}" if given is not None else ""))
     lines = ["", f"train suite on {any_r.device}: one training step (fwd with labels, bwd, AdamW step, zero_grad); "
@@ -483,7 +483,7 @@ def format_report(results: list[Result]) -> str:
                 if r.speedup_vs_baseline is not None else "")
             ops = "" if r.dispatched_ops is None else str(r.dispatched_ops)
             peak = "" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.1f}"
-            row = (f"{model:8}{name:19}{r.median_ms:>9.1f}{f'{r.p25_ms:.1f}-{r.p75_ms:.1f}':>15}{sp:>22}{ops:>9}"
+            row = (f"{model:8}{name:19}{r.median_ms:>10.1f}{f' {r.p25_ms:.1f}-{r.p75_ms:.1f}':>18}{sp:>22}{ops:>9}"
                    f"{peak:>9}")
             if cuda:
                 syncs = r.extra.get("host_syncs_per_step")
