@@ -65,6 +65,7 @@ class _Dispatch:
         self.unsqueeze_default = unsqueeze_default
         self.position_ids_at = position_ids_at
         self.partial = partial
+        self.names = {"unsqueeze_dim"} if position_ids_at is None else {"unsqueeze_dim", "position_ids"}
         self.__wrapped__ = original  # what it stands for, to whoever inspects the clone's globals
         self.__name__ = _NAME
 
@@ -97,6 +98,8 @@ class _Dispatch:
         return _table_fits(q, t) and _table_fits(k, t)
 
     def __call__(self, q, k, cos, sin, *args, **kwargs):
+        if len(args) > len(self.names) or not set(kwargs) <= self.names:
+            return self.original(q, k, cos, sin, *args, **kwargs)  # its own error for arguments it lacks
         unsqueeze_dim = self._arg(args, kwargs, self.unsqueeze_at, "unsqueeze_dim", self.unsqueeze_default)
         position_ids = self._arg(args, kwargs, self.position_ids_at, "position_ids", None)
         if self.fusable(q, k, cos, sin, unsqueeze_dim, position_ids):
