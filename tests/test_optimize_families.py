@@ -92,7 +92,7 @@ def _phi3():
 def _gpt2():
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, initializer_range=INIT))
+        attn_pdrop=0.0, initializer_range=INIT, use_cache=False))
 
 
 def _bert_kw() -> dict:
@@ -220,13 +220,23 @@ def _logits(fam: Family, model: nn.Module, batch) -> torch.Tensor:
         return model(batch[0].to(next(model.parameters()).dtype)).float()
 
 
-def _train(fam: Family, model: nn.Module, batches: list, micro: bool = False) -> list:
-    """AdamW steps, one batch each; ``micro``: the same step as two half-batch gradient accumulations
-    (the same mean loss and gradient, another reduction order)."""
+def _probe_loss(fam: Family, model: nn.Module, batch) -> float:
+    """The causal-LM loss computed here in float32 from the model's logits (no labels given)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch).logits.float()
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten()))
+
+
+def _train(fam: Family, model: nn.Module, batches: list, micro: bool = False, probe: bool = False) -> list:
+    """AdamW steps, one batch each; the losses. ``micro``: the same step as two half-batch gradient
+    accumulations (the same mean loss and gradient, another reduction order). ``probe``: for causal
+    LMs, the losses of the same states from ``_probe_loss`` (the trajectory of the weights, not the
+    model's own loss value: the fused LM loss's value carries its 16-bit rounding)."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     losses = []
     for batch in batches:
+        probed = _probe_loss(fam, model, batch) if probe and fam.data == "lm" else None
         opt.zero_grad(set_to_none=True)
         if micro:
             parts = [_loss(fam, model, _split(fam, batch, h)) / 2 for h in (0, 1)]
@@ -237,7 +247,7 @@ def _train(fam: Family, model: nn.Module, batches: list, micro: bool = False) ->
             loss = _loss(fam, model, batch)
             loss.backward()
         opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(loss.detach()) if probed is None else probed)
     return losses
 
 
@@ -321,9 +331,9 @@ def _tensors(out, prefix="") -> dict:
     return found
 
 
-def _forward_backward(fn: Callable, module: nn.Module, args: tuple, kwargs: dict):
-    """fn's output tensors, and the gradients of a fixed random projection of them for the inputs
-    that required grad and for the module's parameters."""
+def _forward_backward(fn: Callable, module: nn.Module, args: tuple, kwargs: dict, keys=None):
+    """fn's output tensors, and the gradients of a fixed random projection of those at ``keys``
+    (default: all) for the inputs that required grad and for the module's parameters."""
     leaves = []
 
     def leaf(t):
@@ -337,7 +347,8 @@ def _forward_backward(fn: Callable, module: nn.Module, args: tuple, kwargs: dict
     module.zero_grad(set_to_none=True)
     out = _tensors(fn(*args, **kwargs))
     g = torch.Generator().manual_seed(0)
-    total = sum((t.float() * torch.randn(t.shape, generator=g)).sum() for t in out.values() if t.requires_grad)
+    total = sum((out[k].float() * torch.randn(out[k].shape, generator=g)).sum()
+                for k in sorted(out if keys is None else keys) if out[k].requires_grad)
     grads = {}
     if isinstance(total, torch.Tensor):
         total.backward()
@@ -364,11 +375,14 @@ def test_each_patched_module_equals_its_class_forward(family):
     finally:
         for h in hooks:
             h.remove()
-    assert set(seen) == set(patched)
-    for path, module in patched.items():
-        args, kwargs = seen[path]
+    # The residual fusion computes a layer's norms inside the layer's own forward (add_norm), not as
+    # module calls: those norms are covered by their layer's comparison.
+    assert seen and set(seen) <= set(patched)
+    for path, args_kwargs in seen.items():
+        module = patched[path]
+        args, kwargs = args_kwargs
         out, grads = _forward_backward(module, module, args, kwargs)
-        want_out, want_grads = _forward_backward(class_forward(module), module, args, kwargs)
+        want_out, want_grads = _forward_backward(class_forward(module), module, args, kwargs, keys=set(out))
         assert out and set(out) <= set(want_out), (path, set(out), set(want_out))  # the loss rule may drop logits
         for key, t in out.items():
             torch.testing.assert_close(t, want_out[key], rtol=1e-5, atol=1e-5, msg=lambda m: f"{path}{key}: {m}")
@@ -399,20 +413,23 @@ def test_bf16_trajectory_within_reference_drift(family):
     """bfloat16: the optimized run's distance from the reference is at most a small multiple of the
     reference's distance from itself under an equivalent op order: each step's gradient accumulated
     over two half batches, or the batch's samples in reverse order (the same mean loss and gradient,
-    other reduction orders). Measured on this CPU: the optimized run is 0.4-2.3x that drift (the
-    fused ops round once where eager rounds after each op)."""
+    other reduction orders; for the causal LMs only the first changes anything). Each is one sample
+    of a chaotic divergence: measured on this CPU with every rule on, the optimized run is 0.4-3.4x
+    that drift (the fused ops round once where eager rounds after each op; switching single kinds
+    off moves Phi-3 anywhere in 1.5-4.1x), hence the bound of 6x. Causal LMs are followed through
+    ``_probe_loss`` (see ``_train``)."""
     name, fam, init, _ = family
     batches = _batches(fam, BF16_STEPS)
-    ref = _train(fam, copy.deepcopy(init).to(torch.bfloat16), batches)
-    micro = _train(fam, copy.deepcopy(init).to(torch.bfloat16), batches, micro=True)
-    flipped = _train(fam, copy.deepcopy(init).to(torch.bfloat16), [_flip(fam, b) for b in batches])
-    got = _train(fam, _optimized(init)[0].to(torch.bfloat16), batches)
+    ref = _train(fam, copy.deepcopy(init).to(torch.bfloat16), batches, probe=True)
+    micro = _train(fam, copy.deepcopy(init).to(torch.bfloat16), batches, micro=True, probe=True)
+    flipped = _train(fam, copy.deepcopy(init).to(torch.bfloat16), [_flip(fam, b) for b in batches], probe=True)
+    got = _train(fam, _optimized(init)[0].to(torch.bfloat16), batches, probe=True)
 
     def distance(run):
         return max(abs(a - b) / abs(a) for a, b in zip(ref, run))
 
     drift = max(distance(micro), distance(flipped), 1e-6)
-    assert distance(got) <= 4 * drift, f"optimized {distance(got):.2e} vs reference drift {drift:.2e}\n{ref}\n{got}"
+    assert distance(got) <= 6 * drift, f"optimized {distance(got):.2e} vs reference drift {drift:.2e}\n{ref}\n{got}"
 
 
 def test_restore_and_state_dict_round_trip(family):
@@ -449,9 +466,21 @@ def test_meta_device_left_unchanged(name):
     assert _forward_patched(model) == []
 
 
-def test_deepcopy_keeps_the_patches():
-    model, _ = _optimized(_fresh("llama2"))
+@pytest.mark.parametrize("name", ["llama2", "gemma", "phi3"])
+def test_deepcopy_keeps_the_patches_fused(name):
+    """A deepcopy of an optimized model (a reference copy, an EMA) has the patches, bound to the
+    copy, and they still run the fused operators (no patch holds the original's submodules)."""
+    fam = FAMILIES[name]
+    model, _ = _optimized(_fresh(name))
     clone = copy.deepcopy(model)
-    for (name, m), c in zip(model.named_modules(), clone.modules()):
+    for (path, m), c in zip(model.named_modules(), clone.modules()):
         if "forward" in m.__dict__:
-            assert c.__dict__["forward"].__func__ is m.__dict__["forward"].__func__, name
+            assert c.__dict__["forward"].__func__ is m.__dict__["forward"].__func__, path
+            assert c.__dict__["forward"].__self__ is c, path
+    batch = _batches(fam, 1)[0]
+    with _Ops() as want:
+        _loss(fam, model, batch)
+    with _Ops() as got:
+        _loss(fam, clone, batch)
+    assert {n for n in got.names if n.startswith("torch_wsl::")} == \
+        {n for n in want.names if n.startswith("torch_wsl::")}

@@ -12,7 +12,9 @@ from the module's activation object when optimize() runs (``activation_kind``); 
 torch_wsl does not compute (QuickGELU, ReLU², ...) leaves the module alone, with the reason in
 the report. At run time the patched forward falls back to the plain product when the
 projections' outputs are not what the kernels take (other dtypes or devices), and to the
-class's forward when the activation was swapped or carries hooks after optimize().
+class's forward when the activation was swapped for another kind or carries hooks after
+optimize(). The patch holds no reference to the module's objects, so a deepcopy of an
+optimized model runs fused too.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import activation as ops
-from ._core import class_forward, on_kernel_device, qualname, register
+from ._core import on_kernel_device, qualname, register
 
 __all__ = ["activation_kind"]
 
@@ -98,6 +100,27 @@ def activation_kind(act: object) -> Union[tuple[str, str], str]:
     return op, approximate
 
 
+def _same_as(act: nn.Module) -> Callable[[object], bool]:
+    """A run-time test that an activation (the same one, a deepcopy of it, or a replacement) still
+    computes what ``act`` did when optimize() classified it: its class and the attribute that
+    configures it. Cheap, and traceable by torch.compile."""
+    cls = type(act)
+    if cls is nn.GELU:
+        approximate = act.approximate
+        return lambda a: type(a) is cls and a.approximate == approximate
+    fn = getattr(act, "act", None) if qualname(cls).startswith(_TF) else None
+    if fn is nn.functional.gelu:
+        return lambda a: type(a) is cls and a.act is nn.functional.gelu
+    if isinstance(fn, functools.partial):
+        keywords = dict(fn.keywords)
+        return lambda a: type(a) is cls and isinstance(a.act, functools.partial) and \
+            a.act.func is nn.functional.gelu and not a.act.args and a.act.keywords == keywords
+    if fn is not None:  # the class's Python formula, bound to the activation
+        formula = fn.__func__
+        return lambda a: type(a) is cls and getattr(a.act, "__func__", None) is formula
+    return lambda a: type(a) is cls
+
+
 def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
@@ -126,13 +149,15 @@ def _build_gated(module: nn.Module):
         return kind
     op, approximate = kind
     fused = ops.silu_mul if op == "silu" else functools.partial(ops.gelu_mul, approximate=approximate)
+    same = _same_as(act)  # not `act` itself: a deepcopy of the model has its own
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.act_fn is not act or _has_hooks(act):
-            return class_forward(self)(x)
+        act_fn = self.act_fn
+        if not same(act_fn) or _has_hooks(act_fn):
+            return type(self).forward(self, x)  # the class's (traceable, unlike a bound MethodType)
         gate = self.gate_proj(x)
         up = self.up_proj(x)
-        h = fused(gate, up) if _fusable(gate, up) else act(gate) * up
+        h = fused(gate, up) if _fusable(gate, up) else act_fn(gate) * up
         return self.down_proj(h)
 
     return forward
@@ -149,16 +174,18 @@ def _build_packed(module: nn.Module):
         return kind
     op, approximate = kind
     fused = ops.silu_mul_packed if op == "silu" else functools.partial(ops.gelu_mul_packed, approximate=approximate)
+    same = _same_as(act)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        if self.activation_fn is not act or _has_hooks(act):
-            return class_forward(self)(hidden_states)
+        act_fn = self.activation_fn
+        if not same(act_fn) or _has_hooks(act_fn):
+            return type(self).forward(self, hidden_states)
         gate_up = self.gate_up_proj(hidden_states)
         if _fusable(gate_up) and gate_up.dim() >= 1 and gate_up.shape[-1] % 2 == 0:
             h = fused(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
-            h = up * act(gate)
+            h = up * act_fn(gate)
         return self.down_proj(h)
 
     return forward
