@@ -116,7 +116,8 @@ def _signature(original: Callable) -> Union[tuple, str]:
     except (TypeError, ValueError):
         return f"{_NAME} has no signature torch_wsl can read"
     names = [p.name for p in params]
-    if names[:4] != ["q", "k", "cos", "sin"] or names[4:] not in (["unsqueeze_dim"], ["position_ids", "unsqueeze_dim"]) \
+    known_tails = (["unsqueeze_dim"], ["position_ids", "unsqueeze_dim"])
+    if names[:4] != ["q", "k", "cos", "sin"] or names[4:] not in known_tails \
             or any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
         return f"{_NAME}{inspect.signature(original)} is not a signature torch_wsl knows"
     ud = params[-1].default
