@@ -156,8 +156,6 @@ def _build(module: nn.Module):
     prefix_name = prefix
     labels_at = names.index("labels")
 
-    # The class's forward is called as type(self).forward(self, ...): torch.compile cannot trace the
-    # types.MethodType that _core.class_forward builds.
     def forward(self, *args, **kwargs):
         config = self.config
         return_dict = kwargs.get("return_dict")
