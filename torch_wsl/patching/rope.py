@@ -24,6 +24,7 @@ forward; ``restore`` gives the class's forward back.
 from __future__ import annotations
 
 import inspect
+import sys
 import types
 from typing import Callable, Optional, Union
 
@@ -218,14 +219,31 @@ def _make_fused_forward(forward: Callable) -> Union[types.FunctionType, str]:
     dispatch = _dispatch_for(original)
     if isinstance(dispatch, str):
         return dispatch
-    new_globals = dict(module_globals)
-    new_globals[_NAME] = dispatch
-    new = _copy_function(inner, new_globals, inner.__closure__)
+    new = _copy_function(inner, _clone_globals(module_globals, dispatch), inner.__closure__)
     for wrapper, old in zip(reversed(chain[:-1]), reversed(chain[1:])):
         new = _rewrap(wrapper, old, new)
         if isinstance(new, str):
             return new
     return new
+
+
+_CLONE_MODULES: dict[str, types.ModuleType] = {}
+
+
+def _clone_globals(module_globals: dict, dispatch) -> dict:
+    """The clones' globals: a copy of the modeling module's with the dispatcher bound, held as the
+    ``__dict__`` of a module registered in sys.modules under its own name. torch.compile (2.13 and
+    older) guards a function's globals through the module their ``__name__`` names: under
+    transformers' name, its guards would read transformers' unpatched module."""
+    name = "torch_wsl_rope_clone__" + module_globals["__name__"].replace(".", "__")
+    clone = _CLONE_MODULES.get(name)
+    if clone is None:
+        clone = types.ModuleType(name)
+        clone.__dict__.update(module_globals)
+        clone.__dict__["__name__"] = name
+        clone.__dict__[_NAME] = dispatch
+        sys.modules[name] = _CLONE_MODULES[name] = clone
+    return clone.__dict__
 
 
 def _build(module: nn.Module):
