@@ -6,6 +6,7 @@ dropout at 0 so a deepcopy computes the same in training mode."""
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2"]
 
@@ -35,3 +36,15 @@ def tiny_causal_lm(family: str, *, vocab: int = 128, hidden: int = 32, layers: i
     config_name, model_name, own = classes[family]
     config = getattr(T, config_name)(**{**common, **own, **extra})
     return getattr(T, model_name)(config)
+
+
+class OpNames(TorchDispatchMode):
+    """Records the names of the operators a region dispatches (``with OpNames() as seen: ...; seen.names``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))

@@ -20,9 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_wsl
+from causal_lm_fixtures import OpNames as _Ops
 from torch_wsl.patching._core import class_forward
 
 transformers = pytest.importorskip("transformers")
@@ -251,16 +251,6 @@ def _train(fam: Family, model: nn.Module, batches: list, micro: bool = False, pr
     return losses
 
 
-class _Ops(TorchDispatchMode):
-    """The operator names a region dispatches."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.name())
-        return func(*args, **(kwargs or {}))
 
 
 def _fresh(name: str) -> nn.Module:

@@ -12,9 +12,9 @@ import types
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_wsl
+from causal_lm_fixtures import OpNames as _Ops
 from torch_wsl.patching import mlp as mlp_rules
 from torch_wsl.patching import rope as rope_rules
 from torch_wsl.patching._core import class_forward
@@ -24,14 +24,6 @@ activations = transformers.activations
 modeling_llama = transformers.models.llama.modeling_llama
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.name())
-        return func(*args, **(kwargs or {}))
 
 
 def _llama(**kw):

@@ -138,18 +138,27 @@ def _submodules(module: nn.Module, names: tuple) -> Optional[str]:
     return None
 
 
-def _build_gated(module: nn.Module):
-    """gate_proj / up_proj / down_proj / act_fn (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3)."""
-    why = _submodules(module, ("gate_proj", "up_proj", "down_proj", "act_fn"))
+def _choose(module: nn.Module, projections: tuple, act_name: str, silu_op: Callable, gelu_op: Callable):
+    """(the fused op for the module's activation, a test that a later activation is still of that
+    kind), or why the module stays as it is."""
+    why = _submodules(module, projections + (act_name,))
     if why:
         return why
-    act = module.act_fn
+    act = getattr(module, act_name)
     kind = activation_kind(act)
     if isinstance(kind, str):
         return kind
     op, approximate = kind
-    fused = ops.silu_mul if op == "silu" else functools.partial(ops.gelu_mul, approximate=approximate)
-    same = _same_as(act)  # not `act` itself: a deepcopy of the model has its own
+    fused = silu_op if op == "silu" else functools.partial(gelu_op, approximate=approximate)
+    return fused, _same_as(act)  # not `act` itself: a deepcopy of the model has its own
+
+
+def _build_gated(module: nn.Module):
+    """gate_proj / up_proj / down_proj / act_fn (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3)."""
+    chosen = _choose(module, ("gate_proj", "up_proj", "down_proj"), "act_fn", ops.silu_mul, ops.gelu_mul)
+    if isinstance(chosen, str):
+        return chosen
+    fused, same = chosen
 
     def forward(self, x: Tensor) -> Tensor:
         act_fn = self.act_fn
@@ -165,16 +174,11 @@ def _build_gated(module: nn.Module):
 
 def _build_packed(module: nn.Module):
     """gate_up_proj (gate half first) / down_proj / activation_fn (Phi-3)."""
-    why = _submodules(module, ("gate_up_proj", "down_proj", "activation_fn"))
-    if why:
-        return why
-    act = module.activation_fn
-    kind = activation_kind(act)
-    if isinstance(kind, str):
-        return kind
-    op, approximate = kind
-    fused = ops.silu_mul_packed if op == "silu" else functools.partial(ops.gelu_mul_packed, approximate=approximate)
-    same = _same_as(act)
+    chosen = _choose(module, ("gate_up_proj", "down_proj"), "activation_fn", ops.silu_mul_packed,
+                     ops.gelu_mul_packed)
+    if isinstance(chosen, str):
+        return chosen
+    fused, same = chosen
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         act_fn = self.activation_fn
