@@ -101,7 +101,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             suite.add_args(p)
     args = p.parse_args(argv)
     if args.quick:
-        args.sizes = args.sizes or ["256x1024"]
         args.reps, args.min_seconds, args.warmup = 3, 0.0, 1
     if args.rounds is None:
         args.rounds = QUICK_ROUNDS if args.quick else harness.ROUNDS
@@ -110,6 +109,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     return args
+
+
+def args_for_suite(args: argparse.Namespace, suite) -> argparse.Namespace:
+    """A copy of the command line's arguments with what it left unset filled by the suite's own
+    defaults (QUICK_DEFAULTS over DEFAULTS under --quick): one suite's sizes are not the next one's."""
+    suite_args = argparse.Namespace(**vars(args))
+    defaults = {**suite.DEFAULTS, **(getattr(suite, "QUICK_DEFAULTS", {}) if args.quick else {})}
+    for key, value in defaults.items():
+        if getattr(suite_args, key, None) is None:
+            setattr(suite_args, key, value)
+    return suite_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,17 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     custom = []  # suites that measure through their own run(args) and print their own report
     for name in args.suite:
         suite = SUITES[name]
-        for key, value in suite.DEFAULTS.items():
-            if getattr(args, key, None) is None:
-                setattr(args, key, value)
+        suite_args = args_for_suite(args, suite)
         if hasattr(suite, "run"):
-            custom.append(suite)
+            custom.append((suite, suite_args))
         else:
-            all_cases.extend(suite.cases(args))
+            all_cases.extend(suite.cases(suite_args))
 
     custom_results: list[harness.Result] = []
-    for suite in custom:
-        suite_results = suite.run(args)
+    for suite, suite_args in custom:
+        suite_results = suite.run(suite_args)
         custom_results.extend(suite_results)
         print(suite.format_report(suite_results))
 

@@ -254,3 +254,23 @@ def test_cli_help_lists_rounds():
     assert parse_args(["--rounds", "12"]).rounds == 12
     with pytest.raises(SystemExit):
         parse_args(["--rounds", "0"])
+
+
+def test_each_suite_gets_its_own_defaults():
+    """The default run (every suite): one suite's default sizes must not reach the next (rope's sizes have
+    another format than norm's); --quick takes each suite's QUICK_DEFAULTS; the command line wins."""
+    from benchmarks.__main__ import args_for_suite, parse_args
+    from benchmarks.suites import SUITES
+
+    args = parse_args([])
+    seen = {name: args_for_suite(args, suite).sizes for name, suite in SUITES.items()}
+    assert seen["norm"] == SUITES["norm"].DEFAULTS["sizes"]
+    assert seen["rope"] == SUITES["rope"].DEFAULTS["sizes"] and seen["rope"] != seen["norm"]
+    assert args.sizes is None  # the shared namespace is untouched
+    quick = parse_args(["--quick"])
+    assert args_for_suite(quick, SUITES["rope"]).sizes == SUITES["rope"].QUICK_DEFAULTS["sizes"]
+    assert args_for_suite(parse_args(["--sizes", "8x8"]), SUITES["norm"]).sizes == ["8x8"]
+    # Every operator suite's cases can be built from its own defaults.
+    for name in ("norm", "activation", "rope", "cross_entropy"):
+        suite_args = args_for_suite(parse_args(["--quick", "--no-compile"]), SUITES[name])
+        assert next(iter(SUITES[name].cases(suite_args))).suite == name

@@ -18,6 +18,7 @@ from ..harness import Case, operator_contenders
 
 # The default run: Llama-2-7B's MLP width; the other size is --sizes 4096x14336.
 DEFAULTS = {"sizes": ["4096x11008"], "dtypes": ["fp32", "bf16"], "modes": ["fwd", "fwd+bwd"]}
+QUICK_DEFAULTS = {"sizes": ["256x1024"]}  # --quick
 OPS = ["swiglu", "geglu_tanh", "geglu", "swiglu_packed"]
 
 

@@ -32,6 +32,7 @@ from ..harness import Case, Result, operator_contenders
 # --allocator system below ~32 GB: the warm heap keeps each contender's freed 2 GiB logits) and
 # 4096x2048x128256 (Llama 3's head: ~35 s a call in fp32 on 2 cores).
 DEFAULTS = {"sizes": ["4096x32000", "1024x2048x32000"], "dtypes": ["fp32", "bf16"], "modes": ["fwd", "fwd+bwd"]}
+QUICK_DEFAULTS = {"sizes": ["256x1024", "64x64x1024"]}  # --quick
 OPS = ["cross_entropy", "linear_cross_entropy"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ..harness import Case, operator_contenders
 
 DEFAULTS = {"sizes": ["4096x4096", "1024x4096"], "dtypes": ["fp32", "bf16"], "modes": ["fwd", "fwd+bwd"]}
+QUICK_DEFAULTS = {"sizes": ["256x1024"]}  # --quick
 OPS = ["add_rms_norm", "add_layer_norm", "rms_norm", "layer_norm"]
 
 

@@ -21,6 +21,7 @@ import torch
 from ..harness import Case, operator_contenders
 
 DEFAULTS = {"sizes": ["4x2048x32x8x128"], "dtypes": ["fp32", "bf16"], "modes": ["fwd", "fwd+bwd"]}
+QUICK_DEFAULTS = {"sizes": ["1x128x8x2x64"]}  # --quick
 OPS = ["rotate_half", "interleaved", "partial"]
 DEFAULT_OPS = ["rotate_half"]
 
