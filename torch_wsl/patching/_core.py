@@ -59,6 +59,11 @@ def qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def hf_class(family: str, cls: str) -> str:
+    """The qualified name of a transformers model family's class, as rules register it."""
+    return f"transformers.models.{family}.modeling_{family}.{cls}"
+
+
 def register(class_names: Union[str, Iterable[str]], kind: str, build: Build) -> None:
     """Register ``build`` for every class named (``module.QualName``; the class need not be importable)."""
     if kind not in KINDS:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.cross_entropy import linear_cross_entropy
-from ._core import on_kernel_device, register
+from ._core import hf_class, on_kernel_device, qualname, register
 
 __all__ = ["causal_lm_loss"]
 
@@ -42,20 +42,16 @@ class _Family:
     softcap: bool = False  # applies config.final_logit_softcapping to the logits
 
 
-def _hf(family: str, cls: str) -> str:
-    return f"transformers.models.{family}.modeling_{family}.{cls}"
-
-
 _FAMILIES = {
-    _hf("llama", "LlamaForCausalLM"): _Family("CausalLMOutputWithPast"),
-    _hf("mistral", "MistralForCausalLM"): _Family("CausalLMOutputWithPast"),
-    _hf("qwen2", "Qwen2ForCausalLM"): _Family("CausalLMOutputWithPast"),
-    _hf("qwen3", "Qwen3ForCausalLM"): _Family("CausalLMOutputWithPast"),
-    _hf("gemma", "GemmaForCausalLM"): _Family("CausalLMOutputWithPast"),
-    _hf("gemma2", "Gemma2ForCausalLM"): _Family("CausalLMOutputWithPast", softcap=True),
-    _hf("gemma3", "Gemma3ForCausalLM"): _Family("CausalLMOutputWithPast", softcap=True),
-    _hf("phi3", "Phi3ForCausalLM"): _Family("CausalLMOutputWithPast"),
-    _hf("gpt2", "GPT2LMHeadModel"): _Family("CausalLMOutputWithCrossAttentions"),
+    hf_class("llama", "LlamaForCausalLM"): _Family("CausalLMOutputWithPast"),
+    hf_class("mistral", "MistralForCausalLM"): _Family("CausalLMOutputWithPast"),
+    hf_class("qwen2", "Qwen2ForCausalLM"): _Family("CausalLMOutputWithPast"),
+    hf_class("qwen3", "Qwen3ForCausalLM"): _Family("CausalLMOutputWithPast"),
+    hf_class("gemma", "GemmaForCausalLM"): _Family("CausalLMOutputWithPast"),
+    hf_class("gemma2", "Gemma2ForCausalLM"): _Family("CausalLMOutputWithPast", softcap=True),
+    hf_class("gemma3", "Gemma3ForCausalLM"): _Family("CausalLMOutputWithPast", softcap=True),
+    hf_class("phi3", "Phi3ForCausalLM"): _Family("CausalLMOutputWithPast"),
+    hf_class("gpt2", "GPT2LMHeadModel"): _Family("CausalLMOutputWithCrossAttentions"),
 }
 
 # The arguments the patched forward consumes itself; every other one goes to the base model.
@@ -120,7 +116,7 @@ def _loss_function(module: nn.Module):
 
 def _build(module: nn.Module):
     cls = type(module)
-    family = next((f for c in cls.__mro__ if (f := _FAMILIES.get(f"{c.__module__}.{c.__qualname__}"))), None)
+    family = next((f for c in cls.__mro__ if (f := _FAMILIES.get(qualname(c)))), None)
     if family is None:  # pragma: no cover  (rule_for only hands us registered classes)
         return "not a causal-LM class torch_wsl knows"
     try:
@@ -183,7 +179,6 @@ def _build(module: nn.Module):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:, :]
         cap = getattr(config, "final_logit_softcapping", None) if family.softcap else None
-        loss = None
         if on_kernel_device(hidden) and hidden.device == head.weight.device and (
                 hidden.dtype == head.weight.dtype or torch.is_autocast_enabled(hidden.device.type)):
             loss = causal_lm_loss(hidden, head, labels, shift_labels=call.get("shift_labels"),

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import activation as ops
-from ._core import on_kernel_device, qualname, register
+from ._core import hf_class, on_kernel_device, qualname, register
 
 __all__ = ["activation_kind"]
 
@@ -195,14 +195,10 @@ def _build_packed(module: nn.Module):
     return forward
 
 
-def _hf(family: str, cls: str) -> str:
-    return f"transformers.models.{family}.modeling_{family}.{cls}"
-
-
-GATED = [_hf(f, c) for f, c in (("llama", "LlamaMLP"), ("mistral", "MistralMLP"), ("qwen2", "Qwen2MLP"),
+GATED = [hf_class(f, c) for f, c in (("llama", "LlamaMLP"), ("mistral", "MistralMLP"), ("qwen2", "Qwen2MLP"),
                                  ("qwen3", "Qwen3MLP"), ("gemma", "GemmaMLP"), ("gemma2", "Gemma2MLP"),
                                  ("gemma3", "Gemma3MLP"))]
-PACKED = [_hf("phi3", "Phi3MLP")]
+PACKED = [hf_class("phi3", "Phi3MLP")]
 
 register(GATED, "mlp", _build_gated)
 register(PACKED, "mlp", _build_packed)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import norm as ops
-from ._core import class_forward, on_kernel_device, qualname, register, rule_for
+from ._core import class_forward, hf_class, on_kernel_device, qualname, register, rule_for
 
 __all__ = ["NormSpec", "add_norm", "norm_spec"]
 
@@ -47,10 +47,6 @@ _LLAMA_STYLE = {
 _GEMMA_STYLE = {"gemma": "GemmaRMSNorm", "gemma2": "Gemma2RMSNorm", "gemma3": "Gemma3RMSNorm"}
 
 
-def _hf(family: str, cls: str) -> str:
-    return f"transformers.models.{family}.modeling_{family}.{cls}"
-
-
 _SPECS: dict[str, Callable] = {}  # qualified class name -> spec builder (module -> NormSpec)
 
 
@@ -59,13 +55,13 @@ def _weight_shape(m: nn.Module) -> tuple:
 
 
 for family, cls in _LLAMA_STYLE.items():
-    _SPECS[_hf(family, cls)] = lambda m: NormSpec(True, _weight_shape(m), m.variance_epsilon, 0.0, "llama",
+    _SPECS[hf_class(family, cls)] = lambda m: NormSpec(True, _weight_shape(m), m.variance_epsilon, 0.0, "llama",
                                                   eps_attr="variance_epsilon")
 for family, cls in _GEMMA_STYLE.items():
-    _SPECS[_hf(family, cls)] = lambda m: NormSpec(True, _weight_shape(m), m.eps, 1.0, "gemma")
+    _SPECS[hf_class(family, cls)] = lambda m: NormSpec(True, _weight_shape(m), m.eps, 1.0, "gemma")
 # T5's (no mean, like Llama's) casts the normalized x to the weight's dtype when that is half:
 # equal to Llama's when the dtypes agree.
-_SPECS[_hf("t5", "T5LayerNorm")] = lambda m: NormSpec(True, _weight_shape(m), m.variance_epsilon, 0.0, "llama",
+_SPECS[hf_class("t5", "T5LayerNorm")] = lambda m: NormSpec(True, _weight_shape(m), m.variance_epsilon, 0.0, "llama",
                                                       same_dtype_only=True, eps_attr="variance_epsilon")
 _SPECS["torch.nn.modules.normalization.LayerNorm"] = lambda m: NormSpec(False, tuple(m.normalized_shape), m.eps)
 _SPECS["torch.nn.modules.normalization.RMSNorm"] = lambda m: NormSpec(True, tuple(m.normalized_shape), m.eps)

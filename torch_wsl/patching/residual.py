@@ -33,7 +33,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from ._core import class_forward, register
+from ._core import class_forward, hf_class, register
 from .norms import NormSpec, add_norm, norm_spec
 
 __all__ = ["LayerParams", "STRUCTURES"]
@@ -229,7 +229,7 @@ def _post_norm():
 
 
 def _hf(family: str, *classes: str) -> list:
-    return [f"transformers.models.{family}.modeling_{family}.{cls}" for cls in classes]
+    return [hf_class(family, cls) for cls in classes]
 
 
 #: structure name -> (its forward's maker, the classes that have it)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import rope as ops
-from ._core import KERNEL_DEVICES, register
+from ._core import KERNEL_DEVICES, hf_class, register
 
 __all__ = ["fused_forward"]
 
@@ -250,11 +250,7 @@ def _build(module: nn.Module):
     return fused_forward(type(module).forward)
 
 
-def _hf(family: str, cls: str) -> str:
-    return f"transformers.models.{family}.modeling_{family}.{cls}"
-
-
-ATTENTIONS = [_hf(f, c) for f, c in (("llama", "LlamaAttention"), ("mistral", "MistralAttention"),
+ATTENTIONS = [hf_class(f, c) for f, c in (("llama", "LlamaAttention"), ("mistral", "MistralAttention"),
                                      ("qwen2", "Qwen2Attention"), ("qwen3", "Qwen3Attention"),
                                      ("gemma", "GemmaAttention"), ("gemma2", "Gemma2Attention"),
                                      ("gemma3", "Gemma3Attention"), ("phi3", "Phi3Attention"))]
