@@ -69,9 +69,11 @@ def compiled_kernel_counter() -> tuple[Callable[[], None], Callable[[], Optional
     return metrics.reset, (lambda: metrics.generated_kernel_count)
 
 
-def compile_contender(call: Callable[[], object], name: str = "compile") -> Contender:
+def compile_contender(call: Callable[[], object], name: str = "compile",
+                      extra_launches: Optional[Callable[[], int]] = None) -> Contender:
     """A torch.compile'd contender: its first call (the compilation) records how many kernels
-    Inductor generated, which stands for its launches."""
+    Inductor generated (``contender.state["kernels"]``), which stand for its launches, plus
+    ``extra_launches()`` when given (what the compiled call dispatches outside those kernels)."""
     reset, count = compiled_kernel_counter()
     state: dict = {"kernels": None}
 
@@ -83,7 +85,14 @@ def compile_contender(call: Callable[[], object], name: str = "compile") -> Cont
             return None
         return call()
 
-    return Contender(name, first_then_call, launches=lambda: state["kernels"], dispatch_mode_ok=False)
+    def launches():
+        if extra_launches is None or state["kernels"] is None:
+            return state["kernels"]
+        return state["kernels"] + extra_launches()
+
+    contender = Contender(name, first_then_call, launches=launches, dispatch_mode_ok=False)
+    contender.state = state
+    return contender
 
 
 def step(train: bool, fn: Callable, inputs: Callable[[], tuple]) -> Callable[[], object]:
@@ -299,6 +308,23 @@ def peak_memory(fn: Callable[[], object], device: str) -> Optional[int]:
     with _TrackMemory() as tracker:
         fn()
     return tracker.peak
+
+
+def cpu_true_peak(fn: Callable[[], object]) -> int:
+    """Peak bytes of one call above what was allocated before it, every CPU tensor allocation
+    counted (operators' scratch and compiled code included, which `peak_memory`'s dispatch mode
+    cannot see): torch_wsl.memory's CPU allocator, installed for this call only."""
+    import torch_wsl.memory as twm
+
+    twm.enable("cpu")
+    try:
+        alloc = twm._allocator("cpu")
+        base = alloc.stats()["allocated_bytes.all.current"]
+        alloc.reset_peak_stats()
+        fn()
+        return alloc.stats()["allocated_bytes.all.peak"] - base
+    finally:
+        twm.disable("cpu")
 
 
 class Triad:

@@ -107,22 +107,12 @@ def cases(args) -> Iterator[Case]:
 def _true_peaks(case: Case) -> dict[str, int]:
     """Peak bytes of one call above what was allocated before it (the inputs' gradients cleared first),
     every CPU tensor allocation counted: torch_wsl.memory's allocator, installed for this measurement only."""
-    import torch_wsl.memory as twm
-
     peaks = {}
-    twm.enable("cpu")
-    try:
-        alloc = twm._allocator("cpu")
-        for c in case.contenders:
-            c.fn()  # first call: compilation, lazy init
-            case.clear_grads()
-            base = alloc.stats()["allocated_bytes.all.current"]
-            alloc.reset_peak_stats()
-            c.fn()
-            peaks[c.name] = alloc.stats()["allocated_bytes.all.peak"] - base
+    for c in case.contenders:
+        c.fn()  # first call: compilation, lazy init
         case.clear_grads()
-    finally:
-        twm.disable("cpu")
+        peaks[c.name] = harness.cpu_true_peak(c.fn)
+    case.clear_grads()
     return peaks
 
 

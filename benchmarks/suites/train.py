@@ -261,22 +261,6 @@ def host_syncs(fn: Callable[[], object]) -> Optional[int]:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def true_peak(fn: Callable[[], object]) -> int:
-    """Peak bytes of one call above what was allocated before it, every CPU tensor allocation counted:
-    torch_wsl.memory's CPU allocator, installed for this call only."""
-    import torch_wsl.memory as twm
-
-    twm.enable("cpu")
-    try:
-        alloc = twm._allocator("cpu")
-        base = alloc.stats()["allocated_bytes.all.current"]
-        alloc.reset_peak_stats()
-        fn()
-        return alloc.stats()["allocated_bytes.all.peak"] - base
-    finally:
-        twm.disable("cpu")
-
-
 def report_summary(report) -> dict:
     """optimize()'s Report as JSON: replaced modules per kind and class, counts per kind, reasons left alone."""
     return {
@@ -290,26 +274,17 @@ def report_summary(report) -> dict:
 # ---------------------------------------------------------------- contenders
 
 def _compiled_contender(name: str, step: Callable[[], None]) -> Contender:
-    """The first call compiles (Inductor's generated kernels counted then); launches = those kernels + the
-    operators dispatched at top level in one more step."""
-    reset, count = harness.compiled_kernel_counter()
-    state: dict = {}
+    """Launches: Inductor's generated kernels + the operators dispatched at top level in one more step."""
+    top_level: dict = {}
 
-    def first_then_step() -> None:
-        if "kernels" not in state:
-            reset()
-            step()
-            state["kernels"] = count() or 0
-            return
-        step()
-
-    def launches() -> int:
+    def top_level_count() -> int:
         ops, names = top_level_ops(step)
-        state["top_level"] = names
-        return state["kernels"] + ops
+        top_level.clear()
+        top_level.update(names)
+        return ops
 
-    c = Contender(name, first_then_step, launches=launches, dispatch_mode_ok=False)
-    c.state = state  # read back for the result's extra
+    c = harness.compile_contender(step, name, extra_launches=top_level_count)
+    c.state["top_level"] = top_level
     return c
 
 
@@ -389,7 +364,7 @@ def run(args) -> list[Result]:
                 extra["ops_counted"] = "every operator reaching a kernel (harness.count_dispatched_ops)"
                 extra["ops"] = r.extra.get("ops", {})
             if device == "cpu":
-                r.peak_memory_bytes = true_peak(c.step)
+                r.peak_memory_bytes = harness.cpu_true_peak(c.step)
                 extra["peak_counted"] = "every CPU tensor allocation (torch_wsl.memory's allocator), above the start"
             else:
                 extra["peak_counted"] = "torch.cuda.max_memory_allocated, above the start"
