@@ -1,0 +1,133 @@
+"""Run a test body in N real torch.distributed processes (spawned, gloo on the CPU by default).
+
+    from dist_utils import run_workers
+
+    def _body(rank, world_size, steps):      # module level: spawned workers import it
+        ...
+        return something_picklable
+
+    def test_x():
+        results = run_workers(_body, world_size=2, steps=3)   # one result per rank
+
+Each worker joins a process group through a file store in a fresh temporary
+directory, runs the body with one intra-op thread (two ranks share this 2-core
+machine), and sends back the body's return value or its traceback. A worker
+that fails fails the test with that traceback; a run past ``timeout_s`` is
+killed and fails the test, so a hung collective never hangs the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import HAS_CUDA_KERNELS
+
+#: Seconds a whole multi-process run may take (imports included) before it is killed.
+DEFAULT_TIMEOUT_S = 240
+
+NCCL_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+nccl_only = pytest.mark.skipif(
+    not (NCCL_GPUS >= 2 and HAS_CUDA_KERNELS and dist.is_nccl_available()),
+    reason=f"needs 2 CUDA GPUs with NCCL and a build with CUDA kernels (found {NCCL_GPUS} GPUs)",
+)
+
+#: Parametrize a test over the backends: gloo on the CPU always, NCCL on 2 GPUs where present.
+BACKENDS = [
+    pytest.param("gloo", id="gloo"),
+    pytest.param("nccl", id="nccl", marks=[pytest.mark.cuda, nccl_only]),
+]
+
+
+def device_for(backend: str, rank: int) -> torch.device:
+    """The device a rank trains on with this backend."""
+    return torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+
+
+def _worker(rank: int, world_size: int, backend: str, store_path: str, body: Callable, kwargs: dict,
+            results: Any, init_group: bool) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        import torch_wsl  # noqa: F401  (registers the operators in the spawned interpreter)
+
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        if not init_group:
+            out = body(rank, world_size, init_method=f"file://{store_path}", **kwargs)
+        else:
+            dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+            try:
+                out = body(rank, world_size, **kwargs)
+            finally:
+                dist.destroy_process_group()
+        results.put((rank, True, out))
+    except BaseException:  # noqa: BLE001  (sent to the parent, which fails the test with it)
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_workers(body: Callable, world_size: int = 2, *, backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S,
+                init_group: bool = True, **kwargs) -> list:
+    """Run ``body(rank, world_size, **kwargs)`` in ``world_size`` processes; return the results by rank.
+
+    With ``init_group=False`` the body joins (and leaves) the process group itself:
+    it is called as ``body(rank, world_size, init_method=..., **kwargs)``.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="twsl-dist-") as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_worker, args=(r, world_size, backend, store, body, kwargs, results, init_group), daemon=True)
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        got: dict[int, Any] = {}
+        failures: list[str] = []
+        try:
+            deadline = time.monotonic() + timeout_s
+            while len(got) + len(failures) < world_size:
+                left = deadline - time.monotonic()
+                if left <= 0 and failures:
+                    break
+                if left <= 0:
+                    raise AssertionError(f"distributed run timed out after {timeout_s:.0f} s "
+                                         f"(ranks done: {sorted(got)}; failures: {len(failures)})\n" + "\n".join(failures))
+                try:
+                    rank, ok, out = results.get(timeout=min(left, 1.0))
+                except queue.Empty:
+                    if failures:
+                        if time.monotonic() >= deadline:
+                            break
+                        continue
+                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
+                    if dead:
+                        # a worker died without reporting (segfault, OOM kill): do not wait for the timeout
+                        raise AssertionError(f"rank(s) {dead} exited with code "
+                                             f"{[procs[r].exitcode for r in dead]} without a result")
+                    continue
+                if ok:
+                    got[rank] = out
+                else:
+                    failures.append(f"--- rank {rank} ---\n{out}")
+                    # The other ranks may now wait forever in a collective: collect what
+                    # they report within a few seconds, then stop them.
+                    deadline = min(deadline, time.monotonic() + 5)
+        finally:
+            for p in procs:
+                p.join(timeout=5 if not failures else 0.5)
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5)
+        if failures:
+            raise AssertionError("distributed worker failed:\n" + "\n".join(failures))
+        return [got[r] for r in range(world_size)]
