@@ -19,6 +19,7 @@ killed and fails the test, so a hung collective never hangs the suite.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -71,7 +72,9 @@ def _worker(rank: int, world_size: int, backend: str, store_path: str, body: Cal
                 out = body(rank, world_size, **kwargs)
             finally:
                 dist.destroy_process_group()
-        results.put((rank, True, out))
+        # Plain pickle bytes: torch.multiprocessing would share tensors through file
+        # descriptors that die with this process before the parent reads them.
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001  (sent to the parent, which fails the test with it)
         results.put((rank, False, traceback.format_exc()))
 
@@ -116,7 +119,7 @@ def run_workers(body: Callable, world_size: int = 2, *, backend: str = "gloo", t
                                              f"{[procs[r].exitcode for r in dead]} without a result")
                     continue
                 if ok:
-                    got[rank] = out
+                    got[rank] = pickle.loads(out)
                 else:
                     failures.append(f"--- rank {rank} ---\n{out}")
                     # The other ranks may now wait forever in a collective: collect what

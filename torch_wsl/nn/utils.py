@@ -7,10 +7,19 @@ device: no host synchronization, unless ``error_if_nonfinite=True``, which
 must look at the norm on the host before clipping (torch's does the same).
 Norm types 1, 2 and inf run on torch_wsl's operators; other orders fall back
 to torch's implementation.
+
+DTensor gradients (FSDP2, tensor parallelism) are reduced across the mesh as
+torch's are: each rank takes the norm of its local shards (one operator per
+device), the partial results are all-reduced over the mesh dimensions the
+gradients are sharded on (sum of p-th powers, or max for inf; an
+asynchronous collective on the device, no host read), and the total comes
+back as a replicated DTensor, like torch's. The scaling runs on the local
+shards.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import warnings
@@ -20,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..ops import optim as ops
+from ..optim._sharded import describe, dtensor_class, local
 
 __all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm"]
 
@@ -57,13 +67,17 @@ def get_total_norm(
         return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
     if len(tensors) == 0:
         return torch.tensor(0.0)
-    groups = _by_device(tensors)
-    norms = [ops.total_norm(group, norm_type) for group in groups.values()]
-    if len(norms) == 1:
-        total = norms[0]
+    cls = dtensor_class()
+    if cls is not None and any(isinstance(t, cls) for t in tensors):
+        total = _sharded_total_norm(tensors, norm_type, cls)
     else:
-        first = tensors[0].device
-        total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
+        groups = _by_device(tensors)
+        norms = [ops.total_norm(group, norm_type) for group in groups.values()]
+        if len(norms) == 1:
+            total = norms[0]
+        else:
+            first = tensors[0].device
+            total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from "
@@ -72,6 +86,57 @@ def get_total_norm(
             "set `error_if_nonfinite=False`"
         )
     return total
+
+
+def _sharded_total_norm(tensors: list[Tensor], norm_type: float, cls: type) -> Tensor:
+    """The total norm of DTensors on one mesh, replicated on it (see the module's docstring)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate
+
+    first = tensors[0]
+    for t in tensors:
+        if not isinstance(t, cls):
+            raise RuntimeError(
+                "torch_wsl.nn.utils.get_total_norm: expected all tensors to be DTensors or all plain tensors, got "
+                f"{describe(first if isinstance(first, cls) else t)} and {describe(t if isinstance(first, cls) else first)}; "
+                "a plain tensor's norm is either per rank or replicated, and only the caller knows which"
+            )
+        if t.device_mesh is not first.device_mesh and t.device_mesh != first.device_mesh:
+            raise RuntimeError(
+                "torch_wsl.nn.utils.get_total_norm: expected all DTensors on one device mesh, got "
+                f"{describe(first)} and {describe(t)}; clip each mesh's parameters separately"
+            )
+    mesh = first.device_mesh
+    inf = norm_type == math.inf
+    # Local norms per (device, mesh dims the tensor is sharded on): one operator per device and kind.
+    groups: dict = {}
+    for t in tensors:
+        if any(pl.is_partial() for pl in t.placements):
+            # The norm of a pending sum is not a sum of norms: reduce it first, as DTensor's norm does.
+            t = t.redistribute(mesh, [Replicate() if pl.is_partial() else pl for pl in t.placements])
+        dims = tuple(i for i, pl in enumerate(t.placements) if pl.is_shard())
+        groups.setdefault((t.device, dims), []).append(t._local_tensor)
+    device = first.device
+    out_dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    per_dims: dict = {}
+    for (dev, dims), locals_ in groups.items():
+        # A zero-size float32 tensor makes the operator return its float32 accumulation
+        # instead of rounding 16-bit shards' norms before they are combined across ranks.
+        if out_dtype in (torch.float16, torch.bfloat16):
+            locals_ = locals_ + [torch.empty(0, device=dev)]
+        n = ops.total_norm(locals_, norm_type)
+        v = (n if inf or norm_type == 1.0 else n * n).to(device)
+        old = per_dims.get(dims)
+        per_dims[dims] = v if old is None else (torch.maximum(old, v) if inf else old + v)
+    total = None
+    for dims, v in per_dims.items():
+        for d in dims:
+            dist.all_reduce(v, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=mesh.get_group(d))
+        total = v if total is None else (torch.maximum(total, v) if inf else total + v)
+    if norm_type == 2.0:
+        total = total.sqrt()
+    total = total.to(out_dtype)
+    return cls.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 @torch.no_grad()
@@ -90,6 +155,13 @@ def clip_grads_with_norm_(
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return
+    cls = dtensor_class()
+    if cls is not None:
+        if isinstance(total_norm, cls):
+            replicated = all(pl.is_replicate() for pl in total_norm.placements)
+            total_norm = total_norm._local_tensor if replicated else total_norm.full_tensor()
+        # The scaling is elementwise: on the local shards.
+        grads = [local(g) for g in grads]
     for device, group in _by_device(grads).items():
         norm = total_norm if total_norm.device == device else total_norm.to(device, non_blocking=True)
         ops.clip_grads_with_norm_(group, float(max_norm), norm)

@@ -10,6 +10,7 @@ from torch.optim.optimizer import ParamsT
 
 from ..ops import optim as ops
 from ._common import AmpScalars, as_float, by_device, check_param_and_grad, check_state, grad_is_ok, lr_arg
+from ._sharded import ShardedGroupCheck, local
 
 __all__ = ["Adam", "AdamW"]
 
@@ -21,7 +22,10 @@ class _FusedAdamStep:
     hooks, zero_grad) is torch.optim's. State per parameter is torch's:
     ``step`` (a 0-dim float32 tensor on the parameter's device, as torch's
     fused and capturable modes keep it), ``exp_avg``, ``exp_avg_sq`` and, with
-    amsgrad, ``max_exp_avg_sq``, in the parameter's dtype.
+    amsgrad, ``max_exp_avg_sq``, in the parameter's dtype. On DTensor
+    parameters (FSDP2, tensor parallelism) the state is DTensor with the
+    parameter's placements and the operator runs on the local shards
+    (``_sharded``).
     """
 
     _name = "torch_wsl.optim.Adam"
@@ -48,7 +52,8 @@ class _FusedAdamStep:
         plans = []
         creates_state = False
         state = self.state
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
+            sharded = ShardedGroupCheck(self._name, group_index)
             params: list[Tensor] = []
             grads: list[Tensor] = []
             states: list = []
@@ -61,6 +66,7 @@ class _FusedAdamStep:
                     continue
                 if not grad_is_ok(p, g):
                     check_param_and_grad(self._name, p, g, ", please consider SparseAdam instead")
+                g = sharded.add(p, g)
                 st = state.get(p)
                 if not st:
                     creates_state = True
@@ -69,8 +75,11 @@ class _FusedAdamStep:
                     # load_state_dict casts state to the parameter's dtype and device; shapes are the user's.
                     for key in keys:
                         t = st.get(key)
-                        if t is not None and t.shape != p.shape:
-                            check_state(self._name, p, key, t)
+                        if t is not None:
+                            if t.shape != p.shape:
+                                check_state(self._name, p, key, t)
+                            if sharded.cls is not None:
+                                sharded.check_state(p, key, t)
                 if device is None:
                     device = p.device
                 elif one_device and p.device != device:
@@ -79,7 +88,7 @@ class _FusedAdamStep:
                 grads.append(g)
                 states.append(st)
             if params:
-                plans.append((group, params, grads, states, one_device))
+                plans.append((group, params, grads, states, one_device, sharded.is_sharded))
         if creates_state and amp.step_is_skipped():
             return loss
         for plan in plans:
@@ -87,7 +96,7 @@ class _FusedAdamStep:
         return loss
 
     def _fused_group_step(self, group: dict, params: list, grads: list, states: list, one_device: bool,
-                          amp: AmpScalars) -> None:
+                          is_sharded: bool, amp: AmpScalars) -> None:
         amsgrad = group["amsgrad"]
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
         f32 = torch.float32
@@ -125,6 +134,9 @@ class _FusedAdamStep:
             decoupled_weight_decay=group.get("decoupled_weight_decay", False),
         )
         lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+        if is_sharded:
+            # Elementwise update: each rank steps its local shards (steps are plain tensors).
+            lists = tuple([local(t) for t in xs] for xs in lists[:5]) + (steps,)
         buckets = {params[0].device: None} if one_device else by_device(params)
         for device, idx in buckets.items():
             grad_scale, found_inf = amp.on(device)

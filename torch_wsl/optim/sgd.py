@@ -10,6 +10,7 @@ from torch.optim.optimizer import ParamsT
 
 from ..ops import optim as ops
 from ._common import AmpScalars, as_float, by_device, check_param_and_grad, check_state, grad_is_ok, lr_arg
+from ._sharded import ShardedGroupCheck, local
 
 __all__ = ["SGD"]
 
@@ -24,7 +25,9 @@ class SGD(torch.optim.SGD):
     recorded as torch records them; the step always runs torch_wsl's operator.
     ``differentiable=True`` is not supported. With a ``torch.amp.GradScaler``
     the step does not synchronize, except on a step that creates momentum
-    buffers (normally the first), which reads ``found_inf`` once.
+    buffers (normally the first), which reads ``found_inf`` once. On DTensor
+    parameters (FSDP2, tensor parallelism) the momentum buffers are DTensor
+    with the parameter's placements and the operator runs on the local shards.
 
     A group where some parameters have momentum buffers and others not yet
     (a parameter that got its first gradient late) takes two operator calls
@@ -67,7 +70,8 @@ class SGD(torch.optim.SGD):
         plans = []
         creates_state = False
         state = self.state
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
+            sharded = ShardedGroupCheck(self._name, group_index)
             params: list[Tensor] = []
             grads: list[Tensor] = []
             bufs: list = []
@@ -78,25 +82,30 @@ class SGD(torch.optim.SGD):
                     continue
                 if not grad_is_ok(p, g):
                     check_param_and_grad(self._name, p, g)
+                g = sharded.add(p, g)
                 if with_momentum:
                     st = state.get(p)
                     buf = st.get("momentum_buffer") if st else None
                     if buf is None:
                         creates_state = True
-                    elif buf.shape != p.shape:
-                        check_state(self._name, p, "momentum_buffer", buf)
+                    else:
+                        if buf.shape != p.shape:
+                            check_state(self._name, p, "momentum_buffer", buf)
+                        if sharded.cls is not None:
+                            sharded.check_state(p, "momentum_buffer", buf)
                     bufs.append(buf)
                 params.append(p)
                 grads.append(g)
             if params:
-                plans.append((group, params, grads, bufs))
+                plans.append((group, params, grads, bufs, sharded.is_sharded))
         if creates_state and amp.step_is_skipped():
             return loss
         for plan in plans:
             self._fused_group_step(*plan, amp)
         return loss
 
-    def _fused_group_step(self, group: dict, params: list, grads: list, bufs: list, amp: AmpScalars) -> None:
+    def _fused_group_step(self, group: dict, params: list, grads: list, bufs: list, is_sharded: bool,
+                          amp: AmpScalars) -> None:
         momentum = as_float(group["momentum"], "momentum")
         kwargs = dict(
             weight_decay=as_float(group["weight_decay"], "weight_decay"),
@@ -116,11 +125,15 @@ class SGD(torch.optim.SGD):
                 bufs[i] = torch.empty_like(p, memory_format=torch.preserve_format)
                 self.state[p]["momentum_buffer"] = bufs[i]
             if new:
-                old = [i for i, b in enumerate(bufs) if i not in set(new)]
+                new_set = set(new)
+                old = [i for i in range(len(bufs)) if i not in new_set]
                 parts = [(ix, first) for ix, first in ((old, False), (new, True)) if ix]
                 if len(new) == len(params):
                     parts = [(None, True)]
 
+        if is_sharded:
+            # Elementwise update: each rank steps its local shards.
+            params, grads, bufs = ([local(t) for t in xs] for xs in (params, grads, bufs))
         for idx, first in parts:
             ps = params if idx is None else [params[i] for i in idx]
             gs = grads if idx is None else [grads[i] for i in idx]
