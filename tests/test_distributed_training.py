@@ -338,6 +338,16 @@ def _placements_body(rank, world_size):
         ref = torch.nn.utils.get_total_norm([gr.to(device) for gr in grads[0]], norm_type)
         orders[norm_type] = (dn.full_tensor().item(), ref.item(), type(dn).__name__)
     out["orders"] = orders
+    # What clipping dispatches on DTensor gradients: one norm and one scaling operator (one device), collectives,
+    # and no read of a value on the host.
+    from causal_lm_fixtures import OpNames
+
+    clip_params = dparams()
+    for dp_, gr in zip(clip_params, grads[0]):
+        dp_.grad = distribute_tensor(gr.clone().to(device), mesh, dp_.placements)
+    with OpNames() as seen:
+        torch_wsl.nn.utils.clip_grad_norm_(clip_params, 0.5)
+    out["clip_ops"] = sorted(seen.names)
     # bf16 shards: accumulated in float32 across ranks, returned in bf16 as torch returns it
     b16 = torch_wsl.nn.utils.get_total_norm([d.to(torch.bfloat16) for d in dgrads])
     out["bf16"] = (b16.dtype, b16.full_tensor().item(),
@@ -413,6 +423,9 @@ def test_placements_clipping_and_bad_configurations(backend):
     assert dtype == torch.bfloat16
     assert got == pytest.approx(want, rel=2 ** -8)
     assert r0["partial_grad"]
+    clip_ops = r0["clip_ops"]
+    assert "aten::_local_scalar_dense" not in clip_ops and "aten::item" not in clip_ops, clip_ops
+    assert "torch_wsl::total_norm" in clip_ops and "torch_wsl::clip_grads_with_norm_" in clip_ops, clip_ops
 
     errors = r0["errors"]
     expected = {
