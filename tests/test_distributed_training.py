@@ -153,8 +153,24 @@ def _fsdp2_body(rank, world_size, steps, ckpt_dir):
     checks["resume_identical"] = resumed == traj[k:] and all(
         torch.equal(resumed_final[n], final[n]) for n in final)
 
+    # FSDP2's bf16 mixed precision (bf16 compute and all-gathers, float32 gradient reduction and optimizer):
+    # the fused kernels run in bf16 on the unsharded parameters; the trajectory stays near the float32 one.
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp_model = _model(device)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in mp_model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(mp_model, mp_policy=policy)
+    mp_opt = torch_wsl.optim.AdamW(mp_model.parameters(), lr=1e-2, weight_decay=0.1)
+    mixed = []
+    for ids in batches:
+        loss, norm = _step(mp_model, mp_opt, _local_slice(ids, rank, world_size))
+        mixed.append((_global_mean(loss), _full(norm)))
+    checks["bf16_param_dtype"] = next(iter(mp_model.parameters())).dtype
+
     ref = _reference(device, steps) if rank == 0 else None
-    return dict(traj=traj, final=final, checks=checks, ref=ref)
+    return dict(traj=traj, final=final, checks=checks, ref=ref, mixed=mixed)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -178,6 +194,11 @@ def test_fsdp2_matches_single_process_and_resumes_from_a_checkpoint(backend, tmp
     assert want[:, 1].max() > 0.5  # clipping was active at max_norm 0.5
     for name, value in ref_final.items():
         torch.testing.assert_close(r0["final"][name], value, **FP32_PARAMS, msg=name)
+    # bf16 mixed precision: sharded parameters stay float32; losses within bf16's few-ulp drift of float32's
+    assert checks["bf16_param_dtype"] == torch.float32
+    mixed = torch.tensor(r0["mixed"], dtype=torch.float64)
+    torch.testing.assert_close(mixed[:, 0], got[:, 0], rtol=2e-2, atol=0)
+    assert mixed[-1, 0] < mixed[0, 0]
 
 
 # --------------------------------------------------------------------------- DDP
