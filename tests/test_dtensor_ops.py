@@ -46,12 +46,12 @@ def _setup(rank: int):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    import torch_wsl
+    from torch_wsl.ops import _dtensor
 
-    torch_wsl.ops._dtensor.install()  # what `import torch_wsl` does once the package calls it; idempotent
+    _dtensor.install()  # what `import torch_wsl` does once the package calls it; idempotent
     import torch.distributed.tensor  # noqa: F401  (registers the strategies)
 
-    assert torch_wsl.ops._dtensor.is_registered()
+    assert _dtensor.is_registered()
     device = device_for(dist.get_backend(), rank)
     return init_device_mesh(device.type, (WORLD,)), device
 
@@ -72,8 +72,9 @@ class Case:
     placements: one per argument, None for a non-tensor or a tensor kept as is; a Placement on a
     1-D mesh, a tuple of them on a larger one. diff: the indices of the arguments that require grad.
     expect_out / expect_grads: the placements the outputs and those gradients must have (same
-    form); forbid: a placement no output or gradient may have. exact_out / exact_grads: the
-    indices compared bitwise (the others within `_tolerance`, or `_ulp_tolerance` with ulp=True).
+    form; expect_grads and exact_grads count the arguments in `diff`); forbid: a placement no
+    output or gradient may have. exact_out / exact_grads: those compared bitwise (the others
+    within `_tolerance`, or `_ulp_tolerance` with ulp=True).
     """
 
     def __init__(self, label, fn, args, placements, diff=(), expect_out=(), expect_grads=(), exact_out=(),
