@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _checks, _dtensor
 from ._autograd import forbid_double_backward
 
 __all__ = ["cross_entropy", "cross_entropy_loss_grad_", "default_chunk_size", "linear_cross_entropy"]
@@ -61,21 +61,29 @@ def cross_entropy(
     trips a device-side assertion, as PyTorch's own kernel does (checking on
     the host would synchronize, which costs dearly under WSL2).
     """
+    options = (weight, reduction, ignore_index, label_smoothing, softcap)
     if input.dim() == 2:
-        return _ops.cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, softcap)[0]
+        return _rows_loss(input, target, *options)
     if input.dim() == 1:  # one sample: [C] and a 0-dim target
-        loss = _ops.cross_entropy(
-            input.unsqueeze(0), target.reshape(1), weight, reduction, ignore_index, label_smoothing, softcap
-        )[0]
+        loss = _rows_loss(input.unsqueeze(0), target.reshape(1), *options)
         return loss.squeeze(0) if reduction == "none" else loss
     if input.dim() > 2:  # [N, C, d1, ...]: rows are the (n, d1, ...) positions
         classes = input.shape[1]
-        rows = input.movedim(1, -1).reshape(-1, classes)
-        loss = _ops.cross_entropy(rows, target.reshape(-1), weight, reduction, ignore_index, label_smoothing, softcap)[
-            0
-        ]
+        loss = _rows_loss(input.movedim(1, -1).reshape(-1, classes), target.reshape(-1), *options)
         return loss.reshape(target.shape) if reduction == "none" else loss
     # 0-dim input: let the operator name the problem
+    return _ops.cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, softcap)[0]
+
+
+def _rows_loss(input, target, weight, reduction, ignore_index, label_smoothing, softcap) -> Tensor:
+    if reduction == "mean" and _dtensor.is_sharded_dtensor(input):
+        # Rows on several ranks: the mean is the sum over all ranks divided by their total weight,
+        # not the mean of the ranks' means. The "sum" operator gives both as partial sums
+        # (DTensor reduces them, two scalars), so the logits are never gathered.
+        loss_sum, _, total_weight = _ops.cross_entropy(
+            input, target, weight, "sum", ignore_index, label_smoothing, softcap
+        )
+        return (loss_sum / total_weight).to(loss_sum.dtype)
     return _ops.cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, softcap)[0]
 
 
@@ -172,6 +180,13 @@ def linear_cross_entropy(
         grad and weight.requires_grad,
         grad and bias is not None and bias.requires_grad,
     ]
+    if reduction == "mean" and _dtensor.is_sharded_dtensor(x):
+        # Tokens on several ranks: the sum over all ranks divided by their count of valid targets
+        # (see _rows_loss); the hidden states are not gathered and the LM head's gradient stays a
+        # partial sum.
+        loss_sum = _ops.linear_cross_entropy(x, weight, t, bias, ignore_index, "sum", label_smoothing, softcap,
+                                             chunk_size, mask)[0]
+        return (loss_sum / (t != ignore_index).sum()).to(loss_sum.dtype)
     loss = _ops.linear_cross_entropy(x, weight, t, bias, ignore_index, reduction, label_smoothing, softcap, chunk_size,
                                      mask)[0]
     if reduction == "none" and input.dim() != 2:
