@@ -27,6 +27,9 @@ if _C is not None:
     # Python-side registrations (fake kernels, autograd) only once the library
     # that defines the operators has loaded.
     from . import memory, nn, ops, optim  # noqa: F401
+    from .ops import _dtensor
+
+    _dtensor.install()  # DTensor sharding strategies for torch.ops.torch_wsl, once torch.distributed.tensor is imported
     from .patching import optimize, restore  # noqa: F401
 
 __version__ = "0.1.0"
