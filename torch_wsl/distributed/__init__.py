@@ -23,6 +23,7 @@ from __future__ import annotations
 from .ddp import (
     CollectiveCounter,
     CollectiveCounts,
+    bf16_hook_supported,
     compress_gradients,
     compression_hook,
     count_collectives,
@@ -35,6 +36,7 @@ __all__ = [
     "CollectiveCounter",
     "CollectiveCounts",
     "ProcessGroupSetup",
+    "bf16_hook_supported",
     "choose_backend",
     "compress_gradients",
     "compression_hook",

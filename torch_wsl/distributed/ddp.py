@@ -10,6 +10,7 @@ through host memory and pays a fixed cost per call plus a cost per byte.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..env import Env, recommended_settings
 from ..env.settings import ddp_bucket_cap_mb
 
-__all__ = ["CollectiveCounter", "CollectiveCounts", "compress_gradients", "compression_hook", "count_collectives",
+__all__ = ["CollectiveCounter", "CollectiveCounts", "bf16_hook_supported", "compress_gradients", "compression_hook", "count_collectives",
            "ddp_options", "record_collectives"]
 
 _PLATFORMS = ("linux", "wsl2", "wsl1", "unknown")
@@ -62,7 +63,8 @@ def compress_gradients(ddp_model: Any, dtype: torch.dtype = torch.bfloat16, proc
     """Register torch's gradient-compression hook on ``ddp_model``: all-reduce in ``dtype``, then back.
 
     ``torch.bfloat16`` uses ``bf16_compress_hook`` (float32's range, 8 bits of
-    mantissa; needs NCCL 2.10+ with NCCL), ``torch.float16`` uses
+    mantissa; DDP accepts it only where :func:`bf16_hook_supported`: a CUDA build
+    of torch with NCCL 2.10+), ``torch.float16`` uses
     ``fp16_compress_hook``; both from
     ``torch.distributed.algorithms.ddp_comm_hooks.default_hooks``. Each bucket is
     cast, divided by the world size, all-reduced (half the bytes of float32)
@@ -75,6 +77,25 @@ def compress_gradients(ddp_model: Any, dtype: torch.dtype = torch.bfloat16, proc
     hook = compression_hook(dtype)
     ddp_model.register_comm_hook(process_group, hook)
     return hook
+
+
+def bf16_hook_supported() -> bool:
+    """Whether torch's DDP accepts ``bf16_compress_hook`` here.
+
+    DistributedDataParallel refuses it (TypeError, in ``_check_comm_hook``)
+    unless torch is a CUDA (or ROCm) build with NCCL 2.10+, or has XPU with
+    XCCL, whatever the process group's backend; ``fp16_compress_hook`` has no
+    such condition. This mirrors that check.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
+    gpu_build = torch.version.cuda is not None or torch.version.hip is not None
+    if gpu_build and dist.is_nccl_available() and torch.cuda.nccl.version() >= (2, 10):
+        return True
+    xccl = getattr(dist, "is_xccl_available", lambda: False)
+    return bool(xccl() and torch.xpu.is_available())
 
 
 def compression_hook(dtype: torch.dtype) -> Callable:
@@ -225,11 +246,12 @@ def count_collectives(ddp_model: Any, hook: Callable | None = None, state: Any =
     counter = CollectiveCounter()
     inner = hook
 
+    # The wrapper keeps the hook's name: DDP checks some hooks by name (bf16 needs NCCL 2.10+).
+    @functools.wraps(inner)
     def counted(hook_state, bucket):
         counter._bucket()
         with _RecordCollectives(counter):
             return inner(hook_state, bucket)
 
-    counted.__qualname__ = f"count_collectives({getattr(inner, '__qualname__', repr(inner))})"
     ddp_model.register_comm_hook(state, counted)
     return counter
