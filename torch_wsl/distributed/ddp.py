@@ -116,8 +116,10 @@ class CollectiveCounts:
     bytes of the tensors they reduced, in the dtype actually sent (a bf16
     bucket counts 2 bytes per gradient), on this rank. ``buckets``: the
     communication hook's calls (one per DDP bucket per step; 0 outside DDP).
-    ``ops``: every collective by c10d operator name, with ``[calls, bytes]``.
-    ``dtypes``: the dtypes all-reduced.
+    ``ops``: every collective by c10d operator name (``allreduce_``,
+    ``_allgather_base_``, ``_reduce_scatter_base_``, ``broadcast_``...), with
+    ``[calls, bytes]``, bytes being the full (unsharded) tensors each one
+    covers. ``dtypes``: the dtypes all-reduced.
     """
 
     all_reduces: int = 0
@@ -165,7 +167,7 @@ class CollectiveCounter:
             calls_bytes = self._ops.setdefault(op, [0, 0])
             calls_bytes[0] += 1
             calls_bytes[1] += _nbytes(tensors)
-            if op.startswith("allreduce"):
+            if _is_all_reduce(op):
                 self._dtypes.update(dict.fromkeys(_dtypes(tensors)))
 
     def _bucket(self) -> None:
@@ -174,7 +176,7 @@ class CollectiveCounter:
 
     def _snapshot(self) -> CollectiveCounts:
         ops = {k: list(v) for k, v in self._ops.items()}
-        reduces = [v for k, v in ops.items() if k.startswith("allreduce")]
+        reduces = [v for k, v in ops.items() if _is_all_reduce(k)]
         return CollectiveCounts(sum(v[0] for v in reduces), sum(v[1] for v in reduces), self._buckets, ops,
                                 tuple(self._dtypes))
 
@@ -191,6 +193,14 @@ class CollectiveCounter:
         return counts
 
 
+#: c10d's ProcessGroup operators (dist.all_reduce, DDP, FSDP2) and the functional collectives (torch.compile, DTensor).
+_COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional")
+
+
+def _is_all_reduce(op: str) -> bool:
+    return op.replace("_", "").startswith("allreduce")
+
+
 class _RecordCollectives(TorchDispatchMode):
     """Records every c10d collective dispatched while active (the tensors passed: their bytes and dtypes)."""
 
@@ -199,8 +209,11 @@ class _RecordCollectives(TorchDispatchMode):
         self.counter = counter
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "c10d" and args:
-            self.counter._record(func._opname, args[0])
+        if func.namespace in _COLLECTIVE_NAMESPACES and func._opname != "wait_tensor" and args:
+            # c10d's schemas put the output (or in-place) tensors first and, for gathers and
+            # scatters, the inputs second: the larger of the two is the full tensor covered.
+            tensors = max(args[:2], key=_nbytes) if len(args) > 1 else args[0]
+            self.counter._record(func._opname, tensors)
         return func(*args, **(kwargs or {}))
 
 
