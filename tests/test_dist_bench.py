@@ -46,6 +46,8 @@ def test_every_contender_is_timed_and_counted(quick_results):
         assert r.extra["world_size"] == 2 and r.extra["backend"] == "gloo"
         assert r.extra["params"] == params and r.extra["grad_bytes_fp32"] == grad_bytes
         assert len(r.extra["rank_median_ms"]) == 2 and min(r.extra["rank_median_ms"]) > 0
+        cost = r.extra["allreduce_cost_ms"]
+        assert set(cost) == {"one_element_ms", "gradients_fp32_ms", "gradients_bf16_ms"} and min(cost.values()) > 0
     assert by["ddp"].speedup_vs_baseline == 1.0 and by["fsdp2"].speedup_vs_baseline > 0
     assert by["fsdp2"].extra["optimizer"] == "torch.optim.AdamW(fused=True)"
     assert by["ddp"].extra["optimizer"] == "torch_wsl.optim.AdamW"

@@ -66,6 +66,19 @@ def test_user_set_variables_are_never_overridden():
     assert twd.recommended_env_reasons(other)["NCCL_IB_DISABLE"].startswith("kept your NCCL_IB_DISABLE=0")
 
 
+def test_this_machines_cached_advice_drops_what_was_set_since(monkeypatch):
+    from torch_wsl.distributed import process_group as pg
+
+    wsl2 = E.recommended_settings(fx("wsl2_two_gpus"))  # as if this machine had probed so (the probes are cached)
+    monkeypatch.setattr(pg, "_settings", lambda env: wsl2)
+    for name in WSL2_MULTI_GPU:
+        monkeypatch.delenv(name, raising=False)
+    assert twd.recommended_env() == WSL2_MULTI_GPU
+    monkeypatch.setenv("NCCL_SHM_DISABLE", "0")
+    assert twd.recommended_env() == {"NCCL_P2P_DISABLE": "1", "NCCL_IB_DISABLE": "1"}
+    assert set(twd.recommended_env_reasons()) == {"NCCL_P2P_DISABLE", "NCCL_IB_DISABLE"}
+
+
 def test_no_changes_on_native_linux_or_with_one_gpu(tmp_path):
     assert twd.recommended_env(fx("native_linux")) == {}
     smi = (Path(fx("wsl2_two_gpus").root) / "_fixture/commands/nvidia-smi.txt").read_text()

@@ -32,7 +32,9 @@ bytes per step and rank (``torch_wsl.distributed.count_collectives``, the
 dtype actually reduced), DDP's own account of its buckets
 (``_get_ddp_logging_data``) beside it, and for FSDP2 every collective with
 ``record_collectives`` (all-gathers and reduce-scatters, the full tensor's
-bytes). Measured on the CPU with gloo only: --device cuda is not run.
+bytes). Also, once: one all-reduce's time in this group, for 1 element (the
+fixed cost of a call) and for the whole gradient in float32 and bf16. Measured
+on the CPU with gloo only: --device cuda is not run.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ DEFAULTS: dict = {}
 
 CONTENDERS = ["ddp", "ddp+buckets", "ddp+buckets+bf16", "fsdp2"]
 BASELINE = "ddp"
-ROUNDS, QUICK_ROUNDS = 7, 2
+ROUNDS, QUICK_ROUNDS = 10, 2
 WORLD = 2
 #: Steps each counting copy runs; the counts are the last one's (DDP's buckets are final after the first).
 COUNT_STEPS = 3
@@ -193,6 +195,29 @@ def _count(name: str, base, batch, bucket_mb: int) -> dict:
     return out
 
 
+#: Calls timed per size in the all-reduce cost measurement (every rank makes the same calls).
+COST_CALLS = 15
+
+
+def _allreduce_cost(numel: int) -> dict:
+    """This group's all-reduce time here: a 1-element call (the fixed cost), and the whole gradient in
+    float32 and in bf16 (median ms of COST_CALLS calls each, after one untimed call)."""
+    import torch.distributed as dist
+
+    out = {}
+    for key, tensor in (("one_element_ms", torch.ones(1)), ("gradients_fp32_ms", torch.ones(numel)),
+                        ("gradients_bf16_ms", torch.ones(numel, dtype=torch.bfloat16))):
+        dist.all_reduce(tensor)
+        times = []
+        for _ in range(COST_CALLS):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(tensor)
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[key] = sorted(times)[len(times) // 2]
+    return out
+
+
 def _measure(rank: int, world: int, store: str, cfg: dict) -> dict:
     import torch.distributed as dist
 
@@ -221,9 +246,10 @@ def _measure(rank: int, world: int, store: str, cfg: dict) -> dict:
         # Every rank must make the same calls: no time-dependent lead calls, no minimum seconds.
         rs = harness.run_case(case, None, warmup=cfg["warmup"], reps=cfg["rounds"], min_seconds=0.0,
                               rounds=cfg["rounds"], round_warmup=0)
-        dist.barrier()
+        cost = _allreduce_cost(sum(p.numel() for p in params))
         return {
             "results": [dataclasses.asdict(r) for r in rs],
+            "allreduce_cost": cost,
             "counts": {contender_name(k): v for k, v in counts.items()},
             "infos": infos,
             "params": sum(p.numel() for p in params),
@@ -324,6 +350,7 @@ def run(args) -> list[Result]:
             "rank_median_ms": [next(x for x in rank["results"] if x["contender"] == r.contender)["median_ms"]
                                for rank in ranks],
             "env_applied": first["setup"]["applied"],
+            "allreduce_cost_ms": first["allreduce_cost"],
         }
     print(f"  dist: {', '.join(f'{r.contender} {r.median_ms:.1f} ms' for r in results)} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -370,6 +397,10 @@ def format_report(results: list[Result]) -> str:
              f"{COUNT_STEPS}rd step of an identical copy",
              "  " + " | ".join(HEADER)]
     lines += ["  " + " | ".join(row) for row in rows(rs)]
+    c = e.get("allreduce_cost_ms")
+    if c:
+        lines.append(f"  one gloo all-reduce here (median of {COST_CALLS}): {c['one_element_ms']:.3f} ms for 1 element, "
+                     f"{c['gradients_fp32_ms']:.2f} ms for the float32 gradients, {c['gradients_bf16_ms']:.2f} ms in bf16")
     return "\n".join(lines)
 
 

@@ -21,8 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..env import Env, recommended_settings
 from ..env.settings import ddp_bucket_cap_mb
 
-__all__ = ["CollectiveCounter", "CollectiveCounts", "bf16_hook_supported", "compress_gradients", "compression_hook", "count_collectives",
-           "ddp_options", "record_collectives"]
+__all__ = ["CollectiveCounter", "CollectiveCounts", "bf16_hook_supported", "compress_gradients", "compression_hook",
+           "count_collectives", "ddp_options", "record_collectives"]
 
 _PLATFORMS = ("linux", "wsl2", "wsl1", "unknown")
 
@@ -62,15 +62,15 @@ def _require_ddp(model: Any, caller: str) -> None:
 def compress_gradients(ddp_model: Any, dtype: torch.dtype = torch.bfloat16, process_group: Any = None) -> Callable:
     """Register torch's gradient-compression hook on ``ddp_model``: all-reduce in ``dtype``, then back.
 
-    ``torch.bfloat16`` uses ``bf16_compress_hook`` (float32's range, 8 bits of
-    mantissa; DDP accepts it only where :func:`bf16_hook_supported`: a CUDA build
+    ``torch.bfloat16`` uses ``bf16_compress_hook`` (float32's exponent range, 8
+    bits of precision; DDP accepts it only where :func:`bf16_hook_supported`: a CUDA build
     of torch with NCCL 2.10+), ``torch.float16`` uses
     ``fp16_compress_hook``; both from
     ``torch.distributed.algorithms.ddp_comm_hooks.default_hooks``. Each bucket is
     cast, divided by the world size, all-reduced (half the bytes of float32)
     and written back into the gradients in their own dtype. DDP accepts one
     communication hook per model: to count what this one sends, call
-    ``count_collectives(ddp_model, hook=...)`` with the returned hook instead.
+    ``count_collectives(ddp_model, hook=compression_hook(dtype))`` instead.
     Returns the hook registered.
     """
     _require_ddp(ddp_model, "compress_gradients")
@@ -104,7 +104,7 @@ def compression_hook(dtype: torch.dtype) -> Callable:
 
     hooks = {torch.bfloat16: default_hooks.bf16_compress_hook, torch.float16: default_hooks.fp16_compress_hook}
     if dtype not in hooks:
-        raise ValueError(f"compress_gradients: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+        raise ValueError(f"gradient compression: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
     return hooks[dtype]
 
 
@@ -209,11 +209,12 @@ class _RecordCollectives(TorchDispatchMode):
         self.counter = counter
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in _COLLECTIVE_NAMESPACES and func._opname != "wait_tensor" and args:
+        name = func.overloadpacket.__name__
+        if func.namespace in _COLLECTIVE_NAMESPACES and name != "wait_tensor" and args:
             # c10d's schemas put the output (or in-place) tensors first and, for gathers and
             # scatters, the inputs second: the larger of the two is the full tensor covered.
             tensors = max(args[:2], key=_nbytes) if len(args) > 1 else args[0]
-            self.counter._record(func._opname, tensors)
+            self.counter._record(name, tensors)
         return func(*args, **(kwargs or {}))
 
 

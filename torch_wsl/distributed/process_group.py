@@ -35,13 +35,19 @@ def recommended_env(env: Env | None = None) -> dict[str, str | None]:
     included. ``env`` points the probes at another root (tests); None: this
     machine (computed once, cached).
     """
-    return dict(_settings(env).distributed_env())
+    return {k: v for k, v in _settings(env).distributed_env().items() if not _set_since(env, k)}
 
 
 def recommended_env_reasons(env: Env | None = None) -> dict[str, str]:
     """Why, per variable of :func:`recommended_env`, and for each variable the user set otherwise (kept as set)."""
     s = _settings(env)
-    return {name: s.reasons[name] for name in [*s.distributed_env(), *_kept(s)]}
+    names = [name for name in s.distributed_env() if not _set_since(env, name)] + _kept(s)
+    return {name: s.reasons[name] for name in names}
+
+
+def _set_since(env: Env | None, name: str) -> bool:
+    """Whether ``name`` was set in this process after the (cached) probes of the real machine ran."""
+    return env is None and name in os.environ
 
 
 def _settings(env: Env | None) -> Settings:
