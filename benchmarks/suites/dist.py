@@ -381,6 +381,9 @@ def rows(results: list[Result]) -> list[list[str]]:
     return out
 
 
+FSDP2_NOTE = ("fsdp2: its all-gathers and reduce-scatters are counted; the 1-element all-reduce of "
+              "clip_grad_norm_ runs inside DTensor's dispatch, which record_collectives does not see")
+
 HEADER = ["contender", "step ms", "p25-p75", "vs ddp (p25-p75)", "all-reduces/step", "all-reduce MiB/step",
           "other collectives/step"]
 
@@ -397,6 +400,8 @@ def format_report(results: list[Result]) -> str:
              f"{COUNT_STEPS}rd step of an identical copy",
              "  " + " | ".join(HEADER)]
     lines += ["  " + " | ".join(row) for row in rows(rs)]
+    if any(r.contender == "fsdp2" for r in rs):
+        lines.append(f"  {FSDP2_NOTE}")
     c = e.get("allreduce_cost_ms")
     if c:
         lines.append(f"  one gloo all-reduce here (median of {COST_CALLS}): {c['one_element_ms']:.3f} ms for 1 element, "
@@ -409,5 +414,6 @@ def markdown(results: list[Result]) -> str:
     body = rows(results)
     if not body:
         return ""
+    note = ["", FSDP2_NOTE] if any(row[0] == "fsdp2" for row in body) else []
     return "\n".join(["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-                     + ["| " + " | ".join(row) + " |" for row in body])
+                     + ["| " + " | ".join(row) + " |" for row in body] + note)
