@@ -85,7 +85,8 @@ def add_args(p) -> None:
                    help="issue: hidden 256, 4 layers, vocab 8192, batch 4x128 per rank (default); "
                    "quick: hidden 64, 2 layers, vocab 4096, batch 2x32 (default with --quick)")
     g.add_argument("--dist-rounds", type=int, default=None,
-                   help=f"interleaved rounds, one step per contender each (default {ROUNDS}; {QUICK_ROUNDS} with --quick)")
+                   help=f"interleaved rounds, one step per contender each "
+                   f"(default {ROUNDS}; {QUICK_ROUNDS} with --quick)")
     g.add_argument("--dist-warmup", type=int, default=1, help="untimed steps per contender before the rounds")
     g.add_argument("--dist-bucket-mb", type=int, default=None,
                    help="bucket_cap_mb of the ddp+buckets contenders (default: torch_wsl's WSL2 value, "
@@ -405,7 +406,8 @@ def format_report(results: list[Result]) -> str:
     c = e.get("allreduce_cost_ms")
     if c:
         lines.append(f"  one gloo all-reduce here (median of {COST_CALLS}): {c['one_element_ms']:.3f} ms for 1 element, "
-                     f"{c['gradients_fp32_ms']:.2f} ms for the float32 gradients, {c['gradients_bf16_ms']:.2f} ms in bf16")
+                     f"{c['gradients_fp32_ms']:.2f} ms for the float32 gradients, "
+                     f"{c['gradients_bf16_ms']:.2f} ms in bf16")
     return "\n".join(lines)
 
 

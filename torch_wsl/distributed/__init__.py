@@ -30,7 +30,13 @@ from .ddp import (
     ddp_options,
     record_collectives,
 )
-from .process_group import ProcessGroupSetup, choose_backend, init_process_group, recommended_env, recommended_env_reasons
+from .process_group import (
+    ProcessGroupSetup,
+    choose_backend,
+    init_process_group,
+    recommended_env,
+    recommended_env_reasons,
+)
 
 __all__ = [
     "CollectiveCounter",

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..env import Env, Settings, recommended_settings
-from ..env.settings import DISTRIBUTED_PREFIXES
+from ..env.settings import DISTRIBUTED_PREFIXES, kept_reason
 
 __all__ = ["ProcessGroupSetup", "choose_backend", "init_process_group", "recommended_env", "recommended_env_reasons"]
 
@@ -123,7 +123,7 @@ def _apply(settings: Settings) -> tuple[dict[str, str], dict[str, str], dict[str
                 reasons[name] = why
         else:  # set since the probes ran: the user's value stays
             kept[name] = current
-            reasons[name] = why if current == value else f"kept your {name}={current}; torch_wsl would set {value}: {why}"
+            reasons[name] = why if current == value else kept_reason(name, current, value or "", why)
     for name in _kept(settings):
         if name in os.environ:
             kept[name] = os.environ[name]

@@ -27,6 +27,7 @@ __all__ = [
     "VRAM_BUDGET_FRACTION_WSL2",
     "Settings",
     "ddp_bucket_cap_mb",
+    "kept_reason",
     "recommended_settings",
     "settings_from_probes",
 ]
@@ -235,8 +236,13 @@ def _nccl_settings(probes: Probes) -> tuple[dict[str, str], dict[str, str], dict
             reasons[name] = why
         elif current != value:
             kept[name] = value
-            reasons[name] = f"kept your {name}={current}; torch_wsl would set {value}: {why}"
+            reasons[name] = kept_reason(name, current, value, why)
     return env, reasons, kept
+
+
+def kept_reason(name: str, current: str, value: str, why: str) -> str:
+    """The reason recorded for a variable the user set to ``current`` where torch_wsl would set ``value``."""
+    return f"kept your {name}={current}; torch_wsl would set {value}: {why}"
 
 
 @functools.lru_cache(maxsize=1)
