@@ -225,7 +225,7 @@ def _nccl_settings(probes: Probes) -> tuple[dict[str, str], dict[str, str], dict
     ib = probes.nccl.ib_devices
     if ib is not None and not ib:
         wanted["NCCL_IB_DISABLE"] = ("1", "no InfiniBand/RoCE device in /sys/class/infiniband: NCCL need not probe "
-                                          "for one (its IB transport; it uses sockets instead)")
+                                          "for its IB transport and uses IP sockets (NCCL docs, NCCL_IB_DISABLE)")
     env: dict[str, str] = {}
     reasons: dict[str, str] = {}
     kept: dict[str, str] = {}
