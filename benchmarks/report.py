@@ -46,6 +46,13 @@ def markdown(path: Path) -> str:
         "|" + "---|" * len(TABLE_HEADER),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in format_table(results)]
+    from .suites import SUITES
+
+    for name in dict.fromkeys(r.suite for r in results):  # suites with columns of their own add a table
+        own = getattr(SUITES.get(name), "markdown", None)
+        text = own(results) if own else ""
+        if text:
+            lines += ["", f"{name} suite:", "", text]
     return "\n".join(lines)
 
 

@@ -18,16 +18,6 @@ from torch_wsl import env as E
 from torch_wsl.__main__ import main
 from torch_wsl.env import _fs
 
-
-
-
-def two_gpu_nvidia_smi() -> str:
-    """The wsl2_gpu fixture's nvidia-smi output with a second, identical GPU."""
-    lines = (FIXTURES / "wsl2_gpu" / "_fixture" / "commands" / "nvidia-smi.txt").read_text().splitlines(keepends=True)
-    i = next(k for k, line in enumerate(lines) if line.startswith("|   0 "))
-    second = [lines[i].replace("|   0 ", "|   1 ", 1)] + lines[i + 1 : i + 3]
-    return "".join(lines[: i + 3] + second + lines[i + 3 :])
-
 NAMES = ["platform", "gpu_device", "driver", "libcuda", "triton_libcuda", "torch", "torch_wsl_build",
          "alloc_conf", "memory", "shm", "nccl", "pinned_memory", "cuda_vmm"]
 
@@ -48,6 +38,9 @@ EXPECTED = {
                      torch_wsl_build="ok", alloc_conf="ok", memory="ok", shm="ok", nccl="ok", pinned_memory=S, cuda_vmm=S),
     "wsl2_no_libcuda_so": dict(platform="ok", gpu_device="ok", driver="ok", libcuda="ok", triton_libcuda="fail", torch="ok",
                                torch_wsl_build="ok", alloc_conf="ok", memory="ok", shm="ok", nccl="ok", pinned_memory=S, cuda_vmm=S),
+    "wsl2_two_gpus": dict(platform="ok", gpu_device="ok", driver="ok", libcuda="ok", triton_libcuda="ok", torch="ok",
+                          torch_wsl_build="ok", alloc_conf="ok", memory="ok", shm="ok", nccl="warn", pinned_memory=S,
+                          cuda_vmm=S),
     "wsl1": dict(platform="fail", gpu_device=S, driver=S, libcuda=S, triton_libcuda=S, torch=S,
                  torch_wsl_build="ok", alloc_conf="ok", memory="ok", shm=S, nccl="ok", pinned_memory=S, cuda_vmm=S),
 }
@@ -131,15 +124,32 @@ def test_expandable_segments_with_probed_vmm(tmp_path, vmm, alloc, exit_code):
     assert r.settings.use_expandable_segments is (vmm == "ok")
 
 
-def test_two_gpus_need_nccl_settings(tmp_path):
-    e = variant(tmp_path, "wsl2_gpu", {"_fixture/commands/nvidia-smi.txt": two_gpu_nvidia_smi()},
-                torch_facts={"device": {"available": True, "count": 2, "name": "NVIDIA GeForce RTX 4090",
-                                        "total_memory": 25393692672, "capability": [8, 9]}})
-    c = check(E.run_doctor(e), "nccl")
-    assert c.status == "warn" and c.fix == "export NCCL_SHM_DISABLE=1 NCCL_P2P_DISABLE=1"
-    done = E.Env(e.root, {**e.environ, "NCCL_SHM_DISABLE": "1", "NCCL_P2P_DISABLE": "1"})
-    c2 = check(E.run_doctor(done), "nccl")
+def test_two_gpus_need_nccl_settings():
+    e = fx("wsl2_two_gpus")
+    r = E.run_doctor(e)
+    c = check(r, "nccl")
+    assert c.status == "warn" and c.fix == "export NCCL_SHM_DISABLE=1 NCCL_P2P_DISABLE=1 NCCL_IB_DISABLE=1"
+    assert "microsoft/WSL#12467" in c.why and "peer-to-peer" in c.why and "/sys/class/infiniband" in c.why
+    # --env prints the same variables the check names: one source (settings_from_probes)
+    assert r.format_env().splitlines() == ["export NCCL_SHM_DISABLE=1", "export NCCL_P2P_DISABLE=1",
+                                           "export NCCL_IB_DISABLE=1"]
+    done = E.Env(e.root, {**e.environ, "NCCL_SHM_DISABLE": "1", "NCCL_P2P_DISABLE": "1", "NCCL_IB_DISABLE": "1"})
+    r2 = E.run_doctor(done)
+    c2 = check(r2, "nccl")
     assert c2.status == "ok" and "NCCL_SHM_DISABLE=1" in c2.found
+    assert r2.format_env() == "# torch_wsl: no environment changes recommended"
+
+
+def test_nccl_variable_the_user_set_differently_is_kept_and_reported():
+    e = fx("wsl2_two_gpus")
+    mine = E.Env(e.root, {**e.environ, "NCCL_P2P_DISABLE": "0"})
+    r = E.run_doctor(mine)
+    assert "NCCL_P2P_DISABLE" not in r.settings.env  # never overridden: --env leaves it alone
+    assert r.settings.kept == {"NCCL_P2P_DISABLE": "1"}
+    c = check(r, "nccl")
+    assert c.status == "warn" and "kept your NCCL_P2P_DISABLE=0" in c.why
+    assert c.fix == "export NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 NCCL_P2P_DISABLE=1"  # advice, for the user to take
+    assert "NCCL_P2P_DISABLE" not in r.format_env()
 
 
 def test_small_shm_in_docker_and_low_memory(tmp_path):

@@ -316,6 +316,15 @@ def test_probe_nccl():
     assert n.variables == {"NCCL_DEBUG": "INFO", "NCCL_SHM_DISABLE": "1"} and n.get("NCCL_P2P_DISABLE") is None
 
 
+def test_probe_nccl_infiniband_devices(tmp_path):
+    assert E.probe_nccl(fx("wsl2_two_gpus")).ib_devices == ()  # no /sys/class/infiniband: no RDMA stack
+    ib = variant(tmp_path / "a", "native_linux", {"sys/class/infiniband/mlx5_0": "", "sys/class/infiniband/mlx5_1": ""})
+    assert E.probe_nccl(ib).ib_devices == ("mlx5_0", "mlx5_1")
+    odd = variant(tmp_path / "b", "native_linux", {"sys/class/infiniband": "not a directory"})
+    n = E.probe_nccl(odd)
+    assert n.ib_devices is None and "cannot list" in n.errors[0]  # unknown, not "none"
+
+
 # --------------------------------------------------------------------------- GPU probes
 
 
@@ -404,7 +413,8 @@ def test_recommended_settings_wsl2_risky_env_and_two_gpus(tmp_path):
     p = E.probe_all(e)
     assert p.gpu_count == 2
     s = E.recommended_settings(probes=p)
-    assert s.env == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128", "NCCL_SHM_DISABLE": "1", "NCCL_P2P_DISABLE": "1"}
+    assert s.env == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128", "NCCL_SHM_DISABLE": "1", "NCCL_P2P_DISABLE": "1",
+                     "NCCL_IB_DISABLE": "1"}  # no /sys/class/infiniband in the tree
     assert "export PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:128" in s.exports()
     only = E.Env(base.root, {**base.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
     assert "unset PYTORCH_CUDA_ALLOC_CONF" in E.recommended_settings(only).exports()

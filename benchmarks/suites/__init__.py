@@ -5,7 +5,7 @@ A suite may also define `add_args(parser)` (its own options), and `run(args)
 something other than per-call operator time (the allocator suite does).
 """
 
-from . import activation, alloc, cross_entropy, norm, optim, rope, train
+from . import activation, alloc, cross_entropy, dist, norm, optim, rope, train
 
 SUITES = {"norm": norm, "activation": activation, "rope": rope, "cross_entropy": cross_entropy, "optim": optim, "alloc": alloc,
-          "train": train}
+          "train": train, "dist": dist}

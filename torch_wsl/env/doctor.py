@@ -15,7 +15,7 @@ from typing import Any
 from ._fs import Env, real_env
 from .gpu import GPU_PROBE_TIMEOUT_S, GpuProbeResult, probe_pinned_ceiling, probe_vmm
 from .probes import WSL_LIB_DIR, WSL_LD_CONF, Probes, probe_all
-from .settings import Settings, _without_expandable, settings_from_probes
+from .settings import NCCL_SHM_MIN_BYTES, Settings, _without_expandable, settings_from_probes
 
 __all__ = [
     "LOW_RAM_BYTES",
@@ -38,8 +38,9 @@ STATUSES = ("ok", "warn", "fail", "skipped")
 #: torch_wsl's choice; WSL2 gives the VM half of Windows' RAM by default (Microsoft: "WSL config").
 LOW_RAM_BYTES = 8 << 30
 
-#: /dev/shm smaller than this is too small for DataLoader workers or NCCL (Docker's default is 64 MiB).
-LOW_SHM_BYTES = 1 << 30
+#: /dev/shm smaller than this is too small for DataLoader workers or NCCL (Docker's default is 64 MiB):
+#: NCCL's figure (settings.NCCL_SHM_MIN_BYTES), which DataLoader workers' shared batches also fit in.
+LOW_SHM_BYTES = NCCL_SHM_MIN_BYTES
 
 #: A pinned-memory ceiling below this on WSL2 is reported (pin_memory=True DataLoaders hit it).
 PINNED_LOW_BYTES = 1 << 30
@@ -432,22 +433,22 @@ def _check_shm(p: Probes) -> Check:
 
 
 def _check_nccl(p: Probes, settings: Settings) -> Check:
+    """What settings_from_probes decided for NCCL, said as a check: the same source as ``--env``."""
     name = "nccl"
     setv = ", ".join(f"{k}={v}" for k, v in p.nccl.variables.items()) or "no NCCL_* variables set"
     if p.platform != "wsl2":
         return Check(name, "ok", setv, "no WSL-specific NCCL settings needed")
     n = p.gpu_count
-    if n is None:
-        return Check(name, "skipped", f"{setv}; GPU count unknown", "NCCL settings depend on the number of GPUs")
-    if n <= 1:
+    if n is not None and n <= 1:
         return Check(name, "ok", f"{setv}; {n} GPU", "a single GPU needs no NCCL transport changes")
-    need = {k: v for k, v in settings.env.items() if k.startswith("NCCL_")}
-    if need:
-        return Check(name, "warn", f"{setv}; {n} GPUs under WSL2",
-                     "NCCL's /dev/shm transport errors with several GPUs on WSL2 (microsoft/WSL#12467, NVIDIA/nccl#1518); "
-                     "WSL2 has no GPU peer-to-peer",
-                     "export " + " ".join(f"{k}={v}" for k, v in need.items()))
-    return Check(name, "ok", f"{setv}; {n} GPUs", "WSL-safe NCCL transport settings are in place")
+    gpus = "GPU count unknown (assuming several)" if n is None else f"{n} GPUs under WSL2"
+    need = {k: v for k, v in settings.distributed_env().items() if k.startswith("NCCL_")}
+    kept = {k: v for k, v in settings.kept.items() if k.startswith("NCCL_")}
+    if need or kept:
+        why = "; ".join(f"{k}: {settings.reasons[k]}" for k in [*need, *kept])
+        fix = "export " + " ".join(f"{k}={v}" for k, v in {**need, **kept}.items())
+        return Check(name, "warn", f"{setv}; {gpus}", why, fix)
+    return Check(name, "ok", f"{setv}; {gpus}", "WSL-safe NCCL transport settings are in place")
 
 
 def _check_pinned(p: Probes, pinned: GpuProbeResult | None, settings: Settings) -> Check:

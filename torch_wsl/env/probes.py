@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from ._fs import Env, real_env
 
 __all__ = [
+    "INFINIBAND_SYSFS",
     "WSL_LIB_DIR",
     "AllocConfInfo",
     "DeviceNodes",
@@ -742,18 +743,36 @@ def probe_memory(env: Env | None = None) -> MemoryInfo:
 
 @dataclass(frozen=True)
 class NcclInfo:
-    """NCCL-related environment variables (``NCCL_*``) as set now."""
+    """What NCCL will find: its environment variables (``NCCL_*``) as set now, and the InfiniBand devices.
+
+    ``ib_devices`` are the entries of ``/sys/class/infiniband`` (the RDMA devices
+    NCCL's IB transport would open): ``()`` when the directory is absent (no
+    RDMA stack, as in a WSL2 VM), None when it exists but cannot be listed.
+    """
 
     variables: dict[str, str]
+    ib_devices: tuple[str, ...] | None = None
+    errors: tuple[str, ...] = ()
 
     def get(self, name: str) -> str | None:
         return self.variables.get(name)
 
 
+#: Where the kernel lists RDMA (InfiniBand/RoCE) devices.
+INFINIBAND_SYSFS = "/sys/class/infiniband"
+
+
 def probe_nccl(env: Env | None = None) -> NcclInfo:
-    """Collect ``NCCL_*`` environment variables."""
+    """Collect ``NCCL_*`` environment variables and list ``/sys/class/infiniband``."""
     env = env or real_env()
-    return NcclInfo({k: v for k, v in sorted(env.environ.items()) if k.startswith("NCCL_")})
+    variables = {k: v for k, v in sorted(env.environ.items()) if k.startswith("NCCL_")}
+    present = env.exists(INFINIBAND_SYSFS)
+    names = env.listdir(INFINIBAND_SYSFS) if present else None
+    if present is False:
+        return NcclInfo(variables, ())
+    if names is None:
+        return NcclInfo(variables, None, (f"{INFINIBAND_SYSFS}: cannot list",))
+    return NcclInfo(variables, tuple(names))
 
 
 # --------------------------------------------------------------------------- all

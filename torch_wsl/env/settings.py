@@ -17,12 +17,17 @@ from .gpu import GpuProbeResult
 from .probes import WSL_LIB_DIR, Probes, parse_alloc_conf, probe_all
 
 __all__ = [
+    "DDP_BUCKET_CAP_MB_WSL2",
+    "DISTRIBUTED_PREFIXES",
+    "NCCL_SHM_MIN_BYTES",
     "PINNED_BUDGET_WSL2_BYTES",
     "PINNED_PROBED_FRACTION",
     "PINNED_RAM_FRACTION",
     "VRAM_BUDGET_FRACTION_NATIVE",
     "VRAM_BUDGET_FRACTION_WSL2",
     "Settings",
+    "ddp_bucket_cap_mb",
+    "kept_reason",
     "recommended_settings",
     "settings_from_probes",
 ]
@@ -51,6 +56,29 @@ VRAM_BUDGET_FRACTION_WSL2 = 0.90
 #: The same fraction on native Linux, where allocations past VRAM fail cleanly.
 VRAM_BUDGET_FRACTION_NATIVE = 0.95
 
+#: A /dev/shm smaller than this is too small for NCCL's shared-memory transport: 1 GiB.
+#: NCCL creates its inter-process segments there and fails to initialize when they
+#: do not fit ("failed to extend /dev/shm/nccl-... to 4194660 bytes"); its
+#: troubleshooting guide ("Shared memory") gives containers ``--shm-size=1g``, and
+#: Docker's 64 MiB default fails (NVIDIA/nccl#342).
+NCCL_SHM_MIN_BYTES = 1 << 30
+
+#: DDP gradient bucket on WSL2, MiB: 40 million float32 gradients (152 MiB), the
+#: bucket Megatron-Core's DDP uses by default "to ensure collectives do not become
+#: latency-bound" (megatron/core/distributed/distributed_data_parallel_config.py),
+#: against torch's 25 MiB. Under WSL2 NCCL has no peer-to-peer and no shared memory
+#: (see the NCCL rules below), so every all-reduce goes GPU -> host -> socket ->
+#: host -> GPU and pays that path's fixed cost: fewer, larger buckets pay it
+#: fewer times. The price is overlap: a bucket is reduced only once all its
+#: gradients exist. torch_wsl's choice, not a measured optimum: measure yours with
+#: ``torch_wsl.distributed.count_collectives`` and ``python -m benchmarks --suite dist``.
+DDP_BUCKET_CAP_MB_WSL2 = 40_000_000 * 4 >> 20
+
+#: Prefixes of the environment variables that torch.distributed's backends read
+#: (NCCL itself, Gloo, PyTorch's NCCL process group): the part of ``Settings.env``
+#: that ``torch_wsl.distributed`` applies before a process group starts.
+DISTRIBUTED_PREFIXES = ("NCCL_", "GLOO_", "TORCH_NCCL_")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -61,7 +89,10 @@ class Settings:
     applies to the free VRAM measured at start-up. ``pinned_budget_bytes``
     caps the pinned-host pool. ``env`` maps environment variables to the
     value to export (None: unset it); ``reasons`` says why, per variable and
-    per setting.
+    per setting. A variable the user already set is never in ``env``; where
+    torch_wsl would have chosen another value, ``kept`` maps it to that value
+    (the user's stays; the doctor reports it). ``ddp_bucket_cap_mb`` is the
+    DistributedDataParallel bucket torch_wsl recommends (None: torch's default).
     """
 
     platform: str
@@ -70,6 +101,12 @@ class Settings:
     pinned_budget_bytes: int
     env: dict[str, str | None] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+    ddp_bucket_cap_mb: int | None = None
+
+    def distributed_env(self) -> dict[str, str | None]:
+        """The variables of ``env`` that torch.distributed's backends read (:data:`DISTRIBUTED_PREFIXES`)."""
+        return {k: v for k, v in self.env.items() if k.startswith(DISTRIBUTED_PREFIXES)}
 
     def exports(self) -> list[str]:
         """Shell lines (``export NAME=value`` / ``unset NAME``) for ``env``."""
@@ -146,16 +183,66 @@ def settings_from_probes(
             old = probes.environ.get("LD_LIBRARY_PATH", "")
             env["LD_LIBRARY_PATH"] = WSL_LIB_DIR + (":" + old if old else "")
             reasons["LD_LIBRARY_PATH"] = "the dynamic loader does not find libcuda.so.1"
-        n = probes.gpu_count
-        if n is None or n > 1:
-            nccl = probes.nccl
-            if nccl.get("NCCL_SHM_DISABLE") != "1":
-                env["NCCL_SHM_DISABLE"] = "1"
-                reasons["NCCL_SHM_DISABLE"] = "NCCL /dev/shm errors with several GPUs on WSL2 (microsoft/WSL#12467, NVIDIA/nccl#1518)"
-            if nccl.get("NCCL_P2P_DISABLE") != "1":
-                env["NCCL_P2P_DISABLE"] = "1"
-                reasons["NCCL_P2P_DISABLE"] = "no GPU peer-to-peer/NVLink under WSL2 (NVIDIA CUDA on WSL guide)"
-    return Settings(platform, use_vmm, vram, budget, env, reasons)
+    nccl_env, nccl_reasons, kept = _nccl_settings(probes)
+    env.update(nccl_env)
+    reasons.update(nccl_reasons)
+    bucket, why = ddp_bucket_cap_mb(platform)
+    reasons["ddp_bucket_cap_mb"] = why
+    return Settings(platform, use_vmm, vram, budget, env, reasons, kept, bucket)
+
+
+def ddp_bucket_cap_mb(platform: str) -> tuple[int | None, str]:
+    """The DDP bucket size torch_wsl recommends on ``platform`` (None: torch's 25 MiB default), and why."""
+    if platform == "wsl2":
+        return DDP_BUCKET_CAP_MB_WSL2, (
+            f"{DDP_BUCKET_CAP_MB_WSL2} MiB instead of torch's 25: under WSL2 every all-reduce goes through host "
+            "memory and pays a fixed cost, so fewer, larger ones (Megatron-Core's 40M-gradient bucket)")
+    return None, "torch's default (25 MiB): nothing WSL2-specific here"
+
+
+def _nccl_settings(probes: Probes) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """NCCL's variables for WSL2 with several GPUs (or an unknown count): (to set, reasons, kept).
+
+    Native Linux and single-GPU machines get nothing: NCCL's own detection is
+    right there. A variable the user set stays as it is; if torch_wsl would have
+    set another value it goes to ``kept`` (with the reason) instead of ``env``.
+    """
+    n = probes.gpu_count
+    if probes.platform != "wsl2" or (n is not None and n <= 1):
+        return {}, {}, {}
+    wanted: dict[str, tuple[str, str]] = {}
+    shm = [
+        "NCCL's shared-memory transport fails with several GPUs under WSL2 "
+        "('Error while creating shared memory segment', microsoft/WSL#12467, NVIDIA/nccl#1518)"
+    ]
+    size = probes.memory.shm_size
+    if size is not None and size < NCCL_SHM_MIN_BYTES:
+        shm.append(f"/dev/shm is {size >> 20} MiB, under the {NCCL_SHM_MIN_BYTES >> 30} GiB NCCL's troubleshooting "
+                   "guide gives containers (--shm-size=1g)")
+    wanted["NCCL_SHM_DISABLE"] = ("1", "; ".join(shm))
+    wanted["NCCL_P2P_DISABLE"] = ("1", "no GPU peer-to-peer (P2P/NVLink) under WSL2 (NVIDIA CUDA on WSL guide): "
+                                       "NCCL's P2P transport cannot work")
+    ib = probes.nccl.ib_devices
+    if ib is not None and not ib:
+        wanted["NCCL_IB_DISABLE"] = ("1", "no InfiniBand/RoCE device in /sys/class/infiniband: NCCL need not probe "
+                                          "for its IB transport and uses IP sockets (NCCL docs, NCCL_IB_DISABLE)")
+    env: dict[str, str] = {}
+    reasons: dict[str, str] = {}
+    kept: dict[str, str] = {}
+    for name, (value, why) in wanted.items():
+        current = probes.nccl.get(name)
+        if current is None:
+            env[name] = value
+            reasons[name] = why
+        elif current != value:
+            kept[name] = value
+            reasons[name] = kept_reason(name, current, value, why)
+    return env, reasons, kept
+
+
+def kept_reason(name: str, current: str, value: str, why: str) -> str:
+    """The reason recorded for a variable the user set to ``current`` where torch_wsl would set ``value``."""
+    return f"kept your {name}={current}; torch_wsl would set {value}: {why}"
 
 
 @functools.lru_cache(maxsize=1)
