@@ -38,7 +38,7 @@ def _model_gradients() -> tuple[int, int]:
 
 def test_every_contender_is_timed_and_counted(quick_results):
     by = {r.contender: r for r in quick_results}
-    assert list(by) == ["ddp", "ddp+buckets", f"ddp+buckets+{HALF}", "fsdp2"]
+    assert list(by) == ["ddp", "ddp+buckets", f"ddp+buckets+{HALF}", "fsdp2", "fsdp2+torch.optim"]
     params, grad_bytes = _model_gradients()
     for r in quick_results:
         assert r.suite == "dist" and r.baseline == "ddp" and r.rounds == dist.QUICK_ROUNDS
@@ -49,7 +49,8 @@ def test_every_contender_is_timed_and_counted(quick_results):
         cost = r.extra["allreduce_cost_ms"]
         assert set(cost) == {"one_element_ms", "gradients_fp32_ms", "gradients_bf16_ms"} and min(cost.values()) > 0
     assert by["ddp"].speedup_vs_baseline == 1.0 and by["fsdp2"].speedup_vs_baseline > 0
-    assert by["fsdp2"].extra["optimizer"] == "torch.optim.AdamW(fused=True)"
+    assert by["fsdp2"].extra["optimizer"] == "torch_wsl.optim.AdamW"
+    assert by["fsdp2+torch.optim"].extra["optimizer"] == "torch.optim.AdamW(fused=True)"
     assert by["ddp"].extra["optimizer"] == "torch_wsl.optim.AdamW"
 
 

@@ -20,8 +20,10 @@ Each of the --dist-world processes (2) builds the same random-weight Llama
   bf16_compress_hook ("+fp16" and fp16_compress_hook where torch's DDP refuses
   the bf16 hook: CPU builds of torch);
 - "fsdp2": ``fully_shard`` per decoder layer and the root, with
-  ``torch.optim.AdamW(fused=True)`` and ``torch.nn.utils.clip_grad_norm_``:
-  torch_wsl's optimizer and clipping do not step DTensor parameters yet.
+  ``torch_wsl.optim.AdamW`` and ``torch_wsl.nn.utils.clip_grad_norm_`` on the
+  DTensor parameters;
+- "fsdp2+torch.optim": the same with ``torch.optim.AdamW(fused=True)`` and
+  ``torch.nn.utils.clip_grad_norm_``: the optimizer and clipping side by side.
 
 Timed with the harness's interleaved rounds (every rank runs the same calls
 in the same order, so the collectives stay in step; rank 0's times are
@@ -56,7 +58,7 @@ from . import train
 
 DEFAULTS: dict = {}
 
-CONTENDERS = ["ddp", "ddp+buckets", "ddp+buckets+bf16", "fsdp2"]
+CONTENDERS = ["ddp", "ddp+buckets", "ddp+buckets+bf16", "fsdp2", "fsdp2+torch.optim"]
 BASELINE = "ddp"
 ROUNDS, QUICK_ROUNDS = 10, 2
 WORLD = 2
@@ -121,6 +123,10 @@ def _compress_dtype() -> torch.dtype:
     return torch.bfloat16 if twd.bf16_hook_supported() else torch.float16
 
 
+def is_fsdp2(name: str) -> bool:
+    return name.startswith("fsdp2")
+
+
 def contender_name(name: str) -> str:
     """The name a contender is reported under ("ddp+buckets+bf16" becomes "+fp16" where bf16 is refused)."""
     if name == "ddp+buckets+bf16" and _compress_dtype() != torch.bfloat16:
@@ -139,15 +145,21 @@ def _build(name: str, base: torch.nn.Module, batch: dict, bucket_mb: int, counte
     torch_wsl.optimize(model)
     info: dict[str, Any] = {}
     counter = None
-    if name == "fsdp2":
+    if is_fsdp2(name):
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        info.update(optimizer="torch.optim.AdamW(fused=True)", clip="torch.nn.utils.clip_grad_norm_")
-        return model, _step(model, opt, batch, torch.nn.utils.clip_grad_norm_), info, counter
+        if name == "fsdp2":
+            opt = torch_wsl.optim.AdamW(model.parameters(), lr=1e-4)
+            clip = torch_wsl.nn.utils.clip_grad_norm_
+            info.update(optimizer="torch_wsl.optim.AdamW", clip="torch_wsl.nn.utils.clip_grad_norm_")
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            clip = torch.nn.utils.clip_grad_norm_
+            info.update(optimizer="torch.optim.AdamW(fused=True)", clip="torch.nn.utils.clip_grad_norm_")
+        return model, _step(model, opt, batch, clip), info, counter
     options: dict[str, Any] = {}
     hook = None
     if name != "ddp":
@@ -345,7 +357,7 @@ def run(args) -> list[Result]:
             **first["infos"][r.contender],
             "allreduce_calls_per_step": c["all_reduces"], "allreduce_bytes_per_step": c["all_reduce_bytes"],
             "buckets_per_step": c["buckets"], "collectives_per_step": c["ops"], "allreduce_dtypes": c["dtypes"],
-            "expected_allreduce_bytes": None if r.contender == "fsdp2" else expected,
+            "expected_allreduce_bytes": None if is_fsdp2(r.contender) else expected,
             "ddp_bucket_sizes": first["counts"][r.contender].get("ddp_bucket_sizes"),
             "counts_by_step": first["counts"][r.contender]["per_step"],
             "rank_median_ms": [next(x for x in rank["results"] if x["contender"] == r.contender)["median_ms"]
@@ -382,8 +394,9 @@ def rows(results: list[Result]) -> list[list[str]]:
     return out
 
 
-FSDP2_NOTE = ("fsdp2: its all-gathers and reduce-scatters are counted; the 1-element all-reduce of "
-              "clip_grad_norm_ runs inside DTensor's dispatch, which record_collectives does not see")
+FSDP2_NOTE = ("fsdp2: its all-gathers and reduce-scatters are counted, and torch_wsl's clip_grad_norm_'s one "
+              "1-element all-reduce; torch's clip_grad_norm_ (fsdp2+torch.optim) all-reduces inside DTensor's "
+              "dispatch, which record_collectives does not see")
 
 HEADER = ["contender", "step ms", "p25-p75", "vs ddp (p25-p75)", "all-reduces/step", "all-reduce MiB/step",
           "other collectives/step"]
@@ -401,7 +414,7 @@ def format_report(results: list[Result]) -> str:
              f"{COUNT_STEPS}rd step of an identical copy",
              "  " + " | ".join(HEADER)]
     lines += ["  " + " | ".join(row) for row in rows(rs)]
-    if any(r.contender == "fsdp2" for r in rs):
+    if any(is_fsdp2(r.contender) for r in rs):
         lines.append(f"  {FSDP2_NOTE}")
     c = e.get("allreduce_cost_ms")
     if c:
@@ -416,6 +429,6 @@ def markdown(results: list[Result]) -> str:
     body = rows(results)
     if not body:
         return ""
-    note = ["", FSDP2_NOTE] if any(row[0] == "fsdp2" for row in body) else []
+    note = ["", FSDP2_NOTE] if any(is_fsdp2(row[0]) for row in body) else []
     return "\n".join(["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
                      + ["| " + " | ".join(row) + " |" for row in body] + note)
