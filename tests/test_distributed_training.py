@@ -309,6 +309,22 @@ def test_optimizer_state_cross_loads_with_torch_under_fsdp2(backend):
 # ------------------------------------------- placements, clipping orders and bad configurations
 
 
+class _no_host_sync:
+    """On CUDA: any host synchronization inside raises (torch.cuda.set_sync_debug_mode). Nothing on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        return False
+
+
 def _placements_body(rank, world_size):
     """DTensor parameters with FSDP2's and tensor parallelism's placements, uneven shards included, against the
     same optimizers and clipping on the full tensors in this process; then every configuration that must fail."""
@@ -320,6 +336,12 @@ def _placements_body(rank, world_size):
     g = torch.Generator().manual_seed(3)
     shapes_and_placements = [((7, 5), Shard(0)), ((4, 9), Shard(1)), ((3,), Shard(0)), ((6,), Replicate()),
                              ((1, 5), Shard(0))]  # 7 rows and 9 columns on 2 ranks: uneven; (1, 5): an empty shard
+    try:  # FSDP2 over tensor parallelism shards rows already sharded: not a Shard subclass in torch 2.14
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        shapes_and_placements.append(((8, 3), _StridedShard(0, split_factor=2)))
+    except ImportError:
+        pass
     fulls = [torch.randn(s, generator=g) for s, _ in shapes_and_placements]
     grads = [[torch.randn(s, generator=g) for s, _ in shapes_and_placements] for _ in range(3)]
     out = {}
@@ -343,11 +365,11 @@ def _placements_body(rank, world_size):
             for dp, pp, gr in zip(dps, pps, step_grads):
                 dp.grad = distribute_tensor(gr.clone().to(device), mesh, dp.placements)
                 pp.grad = gr.clone().to(device)
-            # every clipping order, DTensor against plain
-            dn = torch_wsl.nn.utils.clip_grad_norm_(dps, 1.5, norm_type=2.0)
+            with _no_host_sync(device):
+                dn = torch_wsl.nn.utils.clip_grad_norm_(dps, 1.5, norm_type=2.0)
+                dopt.step()
             pn = torch_wsl.nn.utils.clip_grad_norm_(pps, 1.5, norm_type=2.0)
             norms.append((dn.full_tensor().item(), pn.item()))
-            dopt.step()
             popt.step()
         out[name] = dict(norms=norms, dist=[p.full_tensor().cpu() for p in dps], plain=[p.detach().cpu() for p in pps],
                          state_placements=[tuple(v.placements) == tuple(p.placements) for p in dps
@@ -382,7 +404,9 @@ def _placements_body(rank, world_size):
     q.grad = grads[0][0].clone().to(device)
     torch_wsl.optim.SGD([p], lr=0.1).step()
     torch_wsl.optim.SGD([q], lr=0.1).step()
-    out["partial_grad"] = torch.allclose(p.full_tensor(), q.detach(), rtol=1e-6, atol=1e-6)
+    # reduced once, into .grad with the parameter's placements
+    out["partial_grad"] = (torch.allclose(p.full_tensor(), q.detach(), rtol=1e-6, atol=1e-6)
+                           and tuple(p.grad.placements) == (Shard(0),))
 
     errors = {}
 
@@ -404,12 +428,22 @@ def _placements_body(rank, world_size):
     before = (dp.full_tensor().clone(), plain.detach().clone())
     expect_error("mixed_group", lambda: torch_wsl.optim.AdamW([dp, plain]).step())
     out["mixed_untouched"] = torch.equal(dp.full_tensor(), before[0]) and torch.equal(plain.detach(), before[1])
+    # Two meshes over the same ranks (FSDP2 + tensor parallelism): torch.optim steps them in one group, so
+    # does torch_wsl; clipping adds each mesh's reduced partial norms.
     other_mesh = init_device_mesh(device.type, (world_size, 1), mesh_dim_names=("dp", "tp"))
-    dq = with_grads([torch.nn.Parameter(distribute_tensor(torch.ones(4, 3, device=device), other_mesh,
+    dq = with_grads([torch.nn.Parameter(distribute_tensor(torch.full((4, 3), 2.0, device=device), other_mesh,
                                                           [Shard(0), Replicate()]))])[0]
-    expect_error("two_meshes", lambda: torch_wsl.optim.SGD([dp, dq], lr=0.1).step())
+    torch_wsl.optim.SGD([dp, dq], lr=0.5).step()
+    out["two_meshes_step"] = (dp.full_tensor().sum().item(), dq.full_tensor().sum().item())
+    dp.grad, dq.grad = torch.ones_like(dp), torch.ones_like(dq)
+    out["two_meshes_norm"] = torch_wsl.nn.utils.get_total_norm([dp.grad, dq.grad]).full_tensor().item()
     expect_error("clip_mixed", lambda: torch_wsl.nn.utils.clip_grad_norm_([dp, plain], 1.0))
-    expect_error("clip_two_meshes", lambda: torch_wsl.nn.utils.clip_grad_norm_([dp, dq], 1.0))
+    expect_error("clip_mixed_plain_first", lambda: torch_wsl.nn.utils.clip_grad_norm_([plain, dp], 1.0))
+    if world_size > 1:
+        # a mesh of this rank alone: its norm is not comparable with the others'
+        own = other_mesh["tp"]
+        do = with_grads([torch.nn.Parameter(distribute_tensor(torch.ones(3, device=device), own, [Replicate()]))])[0]
+        expect_error("clip_other_ranks", lambda: torch_wsl.nn.utils.clip_grad_norm_([dp, do], 1.0))
     partial = torch.nn.Parameter(type(dp).from_local(torch.ones(4, 3, device=device), mesh, [Partial()]))
     partial.grad = type(dp).from_local(torch.ones(4, 3, device=device), mesh, [Partial()])
     expect_error("partial_param", lambda: torch_wsl.optim.AdamW([partial]).step())
@@ -447,16 +481,24 @@ def test_placements_clipping_and_bad_configurations(backend):
     clip_ops = r0["clip_ops"]
     assert "aten::_local_scalar_dense" not in clip_ops and "aten::item" not in clip_ops, clip_ops
     assert "torch_wsl::total_norm" in clip_ops and "torch_wsl::clip_grads_with_norm_" in clip_ops, clip_ops
+    assert "c10d::allreduce_" in clip_ops, clip_ops
+    # two meshes, one group: ones stepped by lr 0.5 -> 0.5 (12 elements), twos -> 1.5; norm of 24 ones
+    assert r0["two_meshes_step"] == (6.0, 18.0)
+    assert r0["two_meshes_norm"] == pytest.approx(24 ** 0.5, rel=1e-6)
 
     errors = r0["errors"]
     expected = {
-        "mixed_group": ["parameter group 0 mixes DTensor and plain-tensor parameters", "separate parameter groups"],
-        "two_meshes": ["parameter group 0 has parameters on two device meshes", "dims ('dp', 'tp')"],
-        "clip_mixed": ["expected all tensors to be DTensors or all plain tensors"],
-        "clip_two_meshes": ["expected all DTensors on one device mesh"],
-        "partial_param": ["got a Partial parameter"],
+        "mixed_group": ["parameter group 0 mixes DTensor and plain-tensor parameters", "parameter 1 of group 0",
+                        "separate parameter groups"],
+        "clip_mixed": ["expected the gradients to be all DTensors or all plain tensors", "DTensor on DeviceMesh",
+                       "plain tensor on"],
+        "clip_mixed_plain_first": ["DTensor on DeviceMesh", "plain tensor on"],
+        "partial_param": ["got a Partial parameter", "parameter 0 of group 0"],
         "plain_state": ["state 'exp_avg'", "plain tensor", "torch.distributed.checkpoint"],
     }
+    if len(results) > 1:
+        expected["clip_other_ranks"] = ["expected the gradients' device meshes to span the same ranks",
+                                        "dims ('tp',)", "clip_grads_with_norm_"]
     for key, words in expected.items():
         assert errors[key] is not None, f"{key}: no error raised"
         for w in words:

@@ -89,53 +89,75 @@ def get_total_norm(
 
 
 def _sharded_total_norm(tensors: list[Tensor], norm_type: float, cls: type) -> Tensor:
-    """The total norm of DTensors on one mesh, replicated on it (see the module's docstring)."""
+    """The total norm of DTensors, replicated on the first one's mesh (see the module's docstring).
+
+    Tensors may be on several meshes over the same ranks (FSDP2 with tensor parallelism puts the
+    parallelized layers on a 2-D mesh and the rest on the data-parallel one): each mesh's partial
+    results are reduced in its own groups, then added, so every rank gets the same total.
+    """
     import torch.distributed as dist
     from torch.distributed.tensor import Replicate
 
+    dtensors = [t for t in tensors if isinstance(t, cls)]
+    if len(dtensors) != len(tensors):
+        plain = next(t for t in tensors if not isinstance(t, cls))
+        raise RuntimeError(
+            "torch_wsl.nn.utils: expected the gradients to be all DTensors or all plain tensors, got "
+            f"{describe(dtensors[0])} and {describe(plain)}; a plain tensor's norm is either per rank or "
+            "replicated, and only the caller knows which"
+        )
     first = tensors[0]
+    meshes: list = []  # distinct meshes, in order of appearance
     for t in tensors:
-        if not isinstance(t, cls):
+        m = t.device_mesh
+        if not any(m is k or m == k for k in meshes):
+            meshes.append(m)
+    if len(meshes) > 1:
+        ranks = [sorted(m.mesh.flatten().tolist()) for m in meshes]
+        if any(r != ranks[0] for r in ranks):
             raise RuntimeError(
-                "torch_wsl.nn.utils.get_total_norm: expected all tensors to be DTensors or all plain tensors, got "
-                f"{describe(first if isinstance(first, cls) else t)} and {describe(t if isinstance(first, cls) else first)}; "
-                "a plain tensor's norm is either per rank or replicated, and only the caller knows which"
+                "torch_wsl.nn.utils: expected the gradients' device meshes to span the same ranks, got "
+                f"{describe(next(t for t in tensors if t.device_mesh is meshes[0]))} and "
+                f"{describe(next(t for t in tensors if t.device_mesh is meshes[1]))}; take get_total_norm per "
+                "mesh, combine the full_tensor() values as (sum of n**p) ** (1/p) (max for inf) over the ranks "
+                "that share them, then call clip_grads_with_norm_ with the total"
             )
-        if t.device_mesh is not first.device_mesh and t.device_mesh != first.device_mesh:
-            raise RuntimeError(
-                "torch_wsl.nn.utils.get_total_norm: expected all DTensors on one device mesh, got "
-                f"{describe(first)} and {describe(t)}; clip each mesh's parameters separately"
-            )
-    mesh = first.device_mesh
     inf = norm_type == math.inf
-    # Local norms per (device, mesh dims the tensor is sharded on): one operator per device and kind.
+    # Local norms per (mesh, device, mesh dims the tensor is split on): one operator per device and kind.
+    # Every placement but Replicate splits the tensor (Shard, and FSDP2+TP's _StridedShard, which is no
+    # Shard subclass in torch 2.14); Partial is reduced first.
     groups: dict = {}
     for t in tensors:
+        mesh = t.device_mesh
         if any(pl.is_partial() for pl in t.placements):
             # The norm of a pending sum is not a sum of norms: reduce it first, as DTensor's norm does.
             t = t.redistribute(mesh, [Replicate() if pl.is_partial() else pl for pl in t.placements])
-        dims = tuple(i for i, pl in enumerate(t.placements) if pl.is_shard())
-        groups.setdefault((t.device, dims), []).append(t._local_tensor)
+        dims = tuple(i for i, pl in enumerate(t.placements) if not pl.is_replicate())
+        mesh_index = next(i for i, k in enumerate(meshes) if mesh is k or mesh == k)
+        groups.setdefault((mesh_index, t.device, dims), []).append(t._local_tensor)
     device = first.device
     out_dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    per_dims: dict = {}
-    for (dev, dims), locals_ in groups.items():
+    partial: dict = {}
+    for (mesh_index, dev, dims), locals_ in groups.items():
         # A zero-size float32 tensor makes the operator return its float32 accumulation
         # instead of rounding 16-bit shards' norms before they are combined across ranks.
         if out_dtype in (torch.float16, torch.bfloat16):
             locals_ = locals_ + [torch.empty(0, device=dev)]
         n = ops.total_norm(locals_, norm_type)
         v = (n if inf or norm_type == 1.0 else n * n).to(device)
-        old = per_dims.get(dims)
-        per_dims[dims] = v if old is None else (torch.maximum(old, v) if inf else old + v)
+        key = (mesh_index, dims)
+        old = partial.get(key)
+        partial[key] = v if old is None else (torch.maximum(old, v) if inf else old + v)
     total = None
-    for dims, v in per_dims.items():
+    for (mesh_index, dims), v in partial.items():
         for d in dims:
-            dist.all_reduce(v, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=mesh.get_group(d))
+            dist.all_reduce(v, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM,
+                            group=meshes[mesh_index].get_group(d))
         total = v if total is None else (torch.maximum(total, v) if inf else total + v)
     if norm_type == 2.0:
         total = total.sqrt()
     total = total.to(out_dtype)
+    mesh = first.device_mesh
     return cls.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
@@ -167,6 +189,26 @@ def clip_grads_with_norm_(
         ops.clip_grads_with_norm_(group, float(max_norm), norm)
 
 
+def _settle_partial_grads(parameters: list[Tensor]) -> None:
+    """Pending-sum (Partial) DTensor gradients, e.g. of tensor-parallel replicated parameters, reduced once
+    into ``.grad`` with their parameter's placements: the norm needs the sums, and the optimizer step would
+    otherwise reduce them again."""
+    cls = dtensor_class()
+    if cls is None:
+        return
+    from torch.distributed.tensor import Replicate
+
+    for p in parameters:
+        g = p.grad
+        if g is None or not isinstance(g, cls) or not any(pl.is_partial() for pl in g.placements):
+            continue
+        if isinstance(p, cls) and p.device_mesh == g.device_mesh and not any(pl.is_partial() for pl in p.placements):
+            target = p.placements
+        else:
+            target = [Replicate() if pl.is_partial() else pl for pl in g.placements]
+        p.grad = g.redistribute(g.device_mesh, target)
+
+
 @torch.no_grad()
 def clip_grad_norm_(
     parameters: _TensorOrTensors,
@@ -189,6 +231,7 @@ def clip_grad_norm_(
         parameters = list(parameters)
         if is_generator and len(parameters) == 0:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    _settle_partial_grads(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
     total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
     if float(norm_type) not in _OWN_ORDERS:

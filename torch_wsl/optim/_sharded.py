@@ -10,9 +10,14 @@ as torch.optim keeps it (so ``torch.distributed.checkpoint`` and
 with torch.optim's). ``step`` stays a plain 0-dim tensor, as torch's.
 
 Two placements are not elementwise-safe and are handled here: a gradient whose
-placements differ from its parameter's (e.g. ``Partial``) is redistributed to
-the parameter's placements first (the collective DTensor's own dispatch would
-run), and a ``Partial`` parameter is refused (Adam's update is not linear in it).
+placements differ from its parameter's (e.g. the ``Partial`` gradient of a
+tensor-parallel replicated parameter) is redistributed to the parameter's
+placements and put back in ``.grad`` (the collective DTensor's own dispatch
+would run, once; the step's unscaling stays visible there), and a ``Partial``
+parameter is refused (Adam's update is not linear in it). Parameters of one
+group may live on several meshes (FSDP2 with tensor parallelism puts the
+parallelized layers on a 2-D mesh and the rest on the data-parallel one), as
+torch.optim allows: the update is elementwise on each tensor.
 
 DTensor's module costs about a second to import; nothing here imports it. A
 DTensor exists only once ``torch.distributed.tensor`` is imported, so its
@@ -25,8 +30,11 @@ import sys
 from typing import Optional
 
 from torch import Tensor
+from torch.nn import Parameter
 
 __all__ = ["dtensor_class", "describe", "ShardedGroupCheck", "local"]
+
+_PLAIN_TYPES = (Tensor, Parameter)
 
 
 def dtensor_class() -> Optional[type]:
@@ -49,9 +57,9 @@ def describe(t: Tensor) -> str:
 
 
 def _mesh_name(mesh) -> str:
+    """Device type, shape and dim names (not the rank list: thousands of ranks on a large job)."""
     names = getattr(mesh, "mesh_dim_names", None)
-    ranks = mesh.mesh.tolist()
-    return f"DeviceMesh({mesh.device_type!r}, {ranks}" + (f", dims {tuple(names)})" if names else ")")
+    return f"DeviceMesh({mesh.device_type!r}, shape {tuple(mesh.shape)}" + (f", dims {tuple(names)})" if names else ")")
 
 
 def _same_mesh(a, b) -> bool:
@@ -66,14 +74,21 @@ def local(t: Tensor) -> Tensor:
     return t
 
 
+def _is_plain(t: Tensor, cls: type) -> bool:
+    """Not a DTensor; the exact-type test first, as that is what a plain model's tensors pass."""
+    return type(t) in _PLAIN_TYPES or not isinstance(t, cls)
+
+
 class ShardedGroupCheck:
     """Checks one parameter group's tensors as they are collected, before anything is written.
 
-    ``add(p, g)`` returns the gradient to use (the gradient itself, or a copy
-    redistributed to the parameter's placements) and raises for what cannot
-    be stepped: DTensor and plain parameters in one group, two meshes in one
-    group, a Partial parameter, a plain gradient on a DTensor parameter.
-    ``is_sharded`` says whether the group's tensors must be unwrapped.
+    ``add(i, p, g)`` (``i``: the parameter's index in the group) returns the
+    gradient to use and raises for what cannot be stepped: DTensor and plain
+    parameters in one group, a Partial parameter, a gradient of the other
+    kind or on another mesh than its parameter. A DTensor gradient whose
+    placements differ from its parameter's is redistributed to them and put
+    back in ``p.grad``. ``is_sharded`` says whether the group's tensors must be
+    unwrapped (:func:`local`) for the operator.
     """
 
     def __init__(self, opt: str, group_index: int) -> None:
@@ -83,63 +98,59 @@ class ShardedGroupCheck:
         self.first: Optional[Tensor] = None
         self.is_sharded = False
 
-    def add(self, p: Tensor, g: Tensor) -> Tensor:
+    def _where(self, i: int) -> str:
+        return f"parameter {i} of group {self.group_index}"
+
+    def add(self, i: int, p: Tensor, g: Tensor) -> Tensor:
         cls = self.cls
         if cls is None:
             return g
-        p_is = isinstance(p, cls)
+        p_plain = _is_plain(p, cls)
         first = self.first
         if first is None:
             self.first = p
-            self.is_sharded = p_is
-        elif p_is != self.is_sharded:
+            self.is_sharded = not p_plain
+        elif p_plain == self.is_sharded:
             raise RuntimeError(
                 f"{self.opt}: parameter group {self.group_index} mixes DTensor and plain-tensor parameters "
-                f"({describe(first)}; {describe(p)}); the fused step runs one operator on one kind: put them in "
-                "separate parameter groups, or shard every parameter of the group (fully_shard / distribute_tensor)"
+                f"({describe(first)}; {self._where(i)}: {describe(p)}); the fused step runs one operator on one "
+                "kind: put them in separate parameter groups, or shard every parameter of the group "
+                "(fully_shard / distribute_tensor)"
             )
-        elif p_is and not _same_mesh(p.device_mesh, first.device_mesh):
-            raise RuntimeError(
-                f"{self.opt}: parameter group {self.group_index} has parameters on two device meshes "
-                f"({describe(first)}; {describe(p)}); put each mesh's parameters in their own parameter group"
-            )
-        if not p_is:
-            if isinstance(g, cls):
+        if p_plain:
+            if not _is_plain(g, cls):
                 raise RuntimeError(
-                    f"{self.opt}: expected the gradient of a plain-tensor parameter ({describe(p)}) to be a plain "
-                    f"tensor, got a {describe(g)}"
+                    f"{self.opt}: expected the gradient of {self._where(i)}, a plain tensor ({describe(p)}), to be "
+                    f"a plain tensor, got a {describe(g)}"
                 )
             return g
-        if any(pl.is_partial() for pl in p.placements):
+        placements = p.placements
+        if any(pl.is_partial() for pl in placements):
             raise RuntimeError(
                 f"{self.opt}: expected parameters sharded or replicated on their mesh, got a Partial parameter "
-                f"({describe(p)}); redistribute it to Shard or Replicate placements before stepping"
+                f"({self._where(i)}: {describe(p)}); redistribute it to Shard or Replicate placements before stepping"
             )
-        if not isinstance(g, cls):
+        if _is_plain(g, cls):
             raise RuntimeError(
-                f"{self.opt}: expected the gradient of a DTensor parameter ({describe(p)}) to be a DTensor, "
-                f"got a {describe(g)}"
+                f"{self.opt}: expected the gradient of {self._where(i)}, a DTensor ({describe(p)}), to be a "
+                f"DTensor, got a {describe(g)}"
             )
         if not _same_mesh(g.device_mesh, p.device_mesh):
             raise RuntimeError(
-                f"{self.opt}: expected each gradient on its parameter's device mesh, got a parameter "
+                f"{self.opt}: expected each gradient on its parameter's device mesh, got {self._where(i)} "
                 f"{describe(p)} with a gradient {describe(g)}"
             )
-        if g.placements != p.placements:
-            g = g.redistribute(p.device_mesh, p.placements)
+        if g.placements != placements:
+            g = g.redistribute(p.device_mesh, placements)
+            p.grad = g  # reduced once, and the step's in-place unscaling lands in .grad as for the others
         return g
 
     def check_state(self, p: Tensor, key: str, t: Tensor) -> None:
         """State of a DTensor parameter must be a DTensor with its placements (what the step creates and
-        torch.distributed.checkpoint loads); a full plain tensor there comes from a non-sharded state_dict."""
+        torch.distributed.checkpoint loads); a full plain tensor there comes from a non-sharded state_dict.
+        Only called for sharded groups."""
         cls = self.cls
-        if cls is None or not isinstance(p, cls):
-            if cls is not None and isinstance(t, cls):
-                raise RuntimeError(
-                    f"{self.opt}: state '{key}' is a {describe(t)} but its parameter is a {describe(p)}"
-                )
-            return
-        if not isinstance(t, cls) or t.placements != p.placements or not _same_mesh(t.device_mesh, p.device_mesh):
+        if _is_plain(t, cls) or t.placements != p.placements or not _same_mesh(t.device_mesh, p.device_mesh):
             raise RuntimeError(
                 f"{self.opt}: state '{key}' ({describe(t)}) does not match its DTensor parameter ({describe(p)}); "
                 "load sharded optimizer state with torch.distributed.checkpoint or "

@@ -10,7 +10,7 @@ from torch.optim.optimizer import ParamsT
 
 from ..ops import optim as ops
 from ._common import AmpScalars, as_float, by_device, check_param_and_grad, check_state, grad_is_ok, lr_arg
-from ._sharded import ShardedGroupCheck, local
+from ._sharded import ShardedGroupCheck, dtensor_class, local
 
 __all__ = ["Adam", "AdamW"]
 
@@ -60,13 +60,13 @@ class _FusedAdamStep:
             keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
             device = None
             one_device = True
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
                 if not grad_is_ok(p, g):
                     check_param_and_grad(self._name, p, g, ", please consider SparseAdam instead")
-                g = sharded.add(p, g)
+                g = sharded.add(i, p, g)
                 st = state.get(p)
                 if not st:
                     creates_state = True
@@ -78,7 +78,7 @@ class _FusedAdamStep:
                         if t is not None:
                             if t.shape != p.shape:
                                 check_state(self._name, p, key, t)
-                            if sharded.cls is not None:
+                            if sharded.is_sharded:
                                 sharded.check_state(p, key, t)
                 if device is None:
                     device = p.device
@@ -110,6 +110,8 @@ class _FusedAdamStep:
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             else:
                 step = st["step"]
+                if is_sharded and isinstance(step, dtensor_class()):
+                    step = st["step"] = local(step)  # a converted checkpoint's replicated DTensor step
                 # A checkpoint of torch.optim's default mode keeps steps on the CPU (float64
                 # under a float64 default dtype): bring them to the device once.
                 if not isinstance(step, Tensor) or step.dtype is not f32 or step.device != p.device:
@@ -136,7 +138,7 @@ class _FusedAdamStep:
         lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
         if is_sharded:
             # Elementwise update: each rank steps its local shards (steps are plain tensors).
-            lists = tuple([local(t) for t in xs] for xs in lists[:5]) + (steps,)
+            lists = tuple([t._local_tensor for t in xs] for xs in lists[:5]) + (steps,)
         buckets = {params[0].device: None} if one_device else by_device(params)
         for device, idx in buckets.items():
             grad_scale, found_inf = amp.on(device)

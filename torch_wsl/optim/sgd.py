@@ -10,7 +10,7 @@ from torch.optim.optimizer import ParamsT
 
 from ..ops import optim as ops
 from ._common import AmpScalars, as_float, by_device, check_param_and_grad, check_state, grad_is_ok, lr_arg
-from ._sharded import ShardedGroupCheck, local
+from ._sharded import ShardedGroupCheck
 
 __all__ = ["SGD"]
 
@@ -76,13 +76,13 @@ class SGD(torch.optim.SGD):
             grads: list[Tensor] = []
             bufs: list = []
             with_momentum = as_float(group["momentum"], "momentum") != 0
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
                 if not grad_is_ok(p, g):
                     check_param_and_grad(self._name, p, g)
-                g = sharded.add(p, g)
+                g = sharded.add(i, p, g)
                 if with_momentum:
                     st = state.get(p)
                     buf = st.get("momentum_buffer") if st else None
@@ -91,7 +91,7 @@ class SGD(torch.optim.SGD):
                     else:
                         if buf.shape != p.shape:
                             check_state(self._name, p, "momentum_buffer", buf)
-                        if sharded.cls is not None:
+                        if sharded.is_sharded:
                             sharded.check_state(p, "momentum_buffer", buf)
                     bufs.append(buf)
                 params.append(p)
@@ -133,7 +133,7 @@ class SGD(torch.optim.SGD):
 
         if is_sharded:
             # Elementwise update: each rank steps its local shards.
-            params, grads, bufs = ([local(t) for t in xs] for xs in (params, grads, bufs))
+            params, grads, bufs = ([t._local_tensor for t in xs] for xs in (params, grads, bufs))
         for idx, first in parts:
             ps = params if idx is None else [params[i] for i in idx]
             gs = grads if idx is None else [grads[i] for i in idx]
