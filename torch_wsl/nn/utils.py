@@ -88,12 +88,28 @@ def get_total_norm(
     return total
 
 
+def _meshes_combine(meshes: list) -> bool:
+    """Whether partial norms on these meshes add up to one total: slices of one root mesh, or (without
+    DeviceMesh's root lookup) rank sets each inside the largest."""
+    roots = []
+    for m in meshes:
+        get_root = getattr(m, "_get_root_mesh", None)
+        roots.append(get_root() if get_root is not None else None)
+    if all(r is not None for r in roots) and all(r is roots[0] or r == roots[0] for r in roots):
+        return True
+    ranks = [set(m.mesh.flatten().tolist()) for m in meshes]
+    widest = max(ranks, key=len)
+    return all(r <= widest for r in ranks)
+
+
 def _sharded_total_norm(tensors: list[Tensor], norm_type: float, cls: type) -> Tensor:
     """The total norm of DTensors, replicated on the first one's mesh (see the module's docstring).
 
-    Tensors may be on several meshes over the same ranks (FSDP2 with tensor parallelism puts the
-    parallelized layers on a 2-D mesh and the rest on the data-parallel one): each mesh's partial
-    results are reduced in its own groups, then added, so every rank gets the same total.
+    Tensors may be on several meshes sliced from one (FSDP2 with tensor parallelism puts the
+    parallelized layers on the 2-D mesh and the rest on its data-parallel slice): each mesh's partial
+    results are reduced in its own groups, then added. A tensor on a slice is replicated over the
+    dimensions sliced away (DeviceMesh's meaning), so every rank gets the same total. Meshes that are
+    neither slices of one mesh nor nested in rank sets are refused.
     """
     import torch.distributed as dist
     from torch.distributed.tensor import Replicate
@@ -112,16 +128,14 @@ def _sharded_total_norm(tensors: list[Tensor], norm_type: float, cls: type) -> T
         m = t.device_mesh
         if not any(m is k or m == k for k in meshes):
             meshes.append(m)
-    if len(meshes) > 1:
-        ranks = [sorted(m.mesh.flatten().tolist()) for m in meshes]
-        if any(r != ranks[0] for r in ranks):
-            raise RuntimeError(
-                "torch_wsl.nn.utils: expected the gradients' device meshes to span the same ranks, got "
-                f"{describe(next(t for t in tensors if t.device_mesh is meshes[0]))} and "
-                f"{describe(next(t for t in tensors if t.device_mesh is meshes[1]))}; take get_total_norm per "
-                "mesh, combine the full_tensor() values as (sum of n**p) ** (1/p) (max for inf) over the ranks "
-                "that share them, then call clip_grads_with_norm_ with the total"
-            )
+    if len(meshes) > 1 and not _meshes_combine(meshes):
+        raise RuntimeError(
+            "torch_wsl.nn.utils: expected the gradients' device meshes to be slices of one mesh, got "
+            f"{describe(next(t for t in tensors if t.device_mesh is meshes[0]))} and "
+            f"{describe(next(t for t in tensors if t.device_mesh is meshes[1]))}; take get_total_norm per "
+            "mesh, combine the full_tensor() values as (sum of n**p) ** (1/p) (max for inf) over the ranks "
+            "that share them, then call clip_grads_with_norm_ with the total"
+        )
     inf = norm_type == math.inf
     # Local norms per (mesh, device, mesh dims the tensor is split on): one operator per device and kind.
     # Every placement but Replicate splits the tensor (Shard, and FSDP2+TP's _StridedShard, which is no
