@@ -49,6 +49,7 @@ def test_every_contender_is_timed_and_counted(quick_results):
         cost = r.extra["allreduce_cost_ms"]
         assert set(cost) == {"one_element_ms", "gradients_fp32_ms", "gradients_bf16_ms"} and min(cost.values()) > 0
     assert by["ddp"].speedup_vs_baseline == 1.0 and by["fsdp2"].speedup_vs_baseline > 0
+    assert all(r.extra["update_ms_median"] > 0 for r in quick_results)
     assert by["fsdp2"].extra["optimizer"] == "torch_wsl.optim.AdamW"
     assert by["fsdp2+torch.optim"].extra["optimizer"] == "torch.optim.AdamW(fused=True)"
     assert by["ddp"].extra["optimizer"] == "torch_wsl.optim.AdamW"

@@ -45,6 +45,7 @@ import copy
 import dataclasses
 import os
 import queue
+import statistics
 import tempfile
 import time
 import traceback
@@ -107,11 +108,16 @@ def _loss(model, batch) -> torch.Tensor:
     return model(**batch).loss
 
 
-def _step(model, opt, batch, clip: Callable) -> Callable[[], None]:
+def _step(model, opt, batch, clip: Callable, update_ms: Optional[list] = None) -> Callable[[], None]:
+    """One training step; with ``update_ms``, the time of its optimizer step is appended there (not the
+    clipping's: its all-reduce would add the wait for the slower rank)."""
     def step() -> None:
         _loss(model, batch).backward()
         clip(model.parameters(), 1.0)
+        t0 = time.perf_counter()
         opt.step()
+        if update_ms is not None:
+            update_ms.append((time.perf_counter() - t0) * 1e3)
         opt.zero_grad(set_to_none=True)
 
     return step
@@ -134,7 +140,8 @@ def contender_name(name: str) -> str:
     return name
 
 
-def _build(name: str, base: torch.nn.Module, batch: dict, bucket_mb: int, counted: bool):
+def _build(name: str, base: torch.nn.Module, batch: dict, bucket_mb: int, counted: bool,
+           update_ms: Optional[list] = None):
     """One contender's model and step; with ``counted``, its collective counter too."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -159,7 +166,7 @@ def _build(name: str, base: torch.nn.Module, batch: dict, bucket_mb: int, counte
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             clip = torch.nn.utils.clip_grad_norm_
             info.update(optimizer="torch.optim.AdamW(fused=True)", clip="torch.nn.utils.clip_grad_norm_")
-        return model, _step(model, opt, batch, clip), info, counter
+        return model, _step(model, opt, batch, clip, update_ms), info, counter
     options: dict[str, Any] = {}
     hook = None
     if name != "ddp":
@@ -175,7 +182,7 @@ def _build(name: str, base: torch.nn.Module, batch: dict, bucket_mb: int, counte
     opt = torch_wsl.optim.AdamW(ddp.parameters(), lr=1e-4)
     info.update(ddp_options=options, hook=None if hook is None else hook.__name__,
                 optimizer="torch_wsl.optim.AdamW", clip="torch_wsl.nn.utils.clip_grad_norm_")
-    return ddp, _step(ddp, opt, batch, torch_wsl.nn.utils.clip_grad_norm_), info, counter
+    return ddp, _step(ddp, opt, batch, torch_wsl.nn.utils.clip_grad_norm_, update_ms), info, counter
 
 
 def _ddp_buckets(ddp) -> Optional[list[int]]:
@@ -248,9 +255,10 @@ def _measure(rank: int, world: int, store: str, cfg: dict) -> dict:
         counts = {}
         for name in cfg["contenders"]:
             counts[name] = _count(name, base, batch, cfg["bucket_mb"])
-        contenders, infos = [], {}
+        contenders, infos, update_ms = [], {}, {}
         for name in cfg["contenders"]:
-            _, step, info, _ = _build(name, base, batch, cfg["bucket_mb"], counted=False)
+            update_ms[name] = []
+            _, step, info, _ = _build(name, base, batch, cfg["bucket_mb"], counted=False, update_ms=update_ms[name])
             contenders.append(Contender(contender_name(name), step, launches=lambda: None, dispatch_mode_ok=False))
             infos[contender_name(name)] = info
         case = Case(suite="dist", op="llama", mode=f"{world}-process step", dtype="fp32",
@@ -259,6 +267,9 @@ def _measure(rank: int, world: int, store: str, cfg: dict) -> dict:
         # Every rank must make the same calls: no time-dependent lead calls, no minimum seconds.
         rs = harness.run_case(case, None, warmup=cfg["warmup"], reps=cfg["rounds"], min_seconds=0.0,
                               rounds=cfg["rounds"], round_warmup=0)
+        for name, times in update_ms.items():
+            # the optimizer step inside the timed steps (warm-up included: the median is robust to it)
+            infos[contender_name(name)]["update_ms_median"] = statistics.median(times) if times else None
         cost = _allreduce_cost(sum(p.numel() for p in params))
         return {
             "results": [dataclasses.asdict(r) for r in rs],
@@ -416,6 +427,9 @@ def format_report(results: list[Result]) -> str:
     lines += ["  " + " | ".join(row) for row in rows(rs)]
     if any(is_fsdp2(r.contender) for r in rs):
         lines.append(f"  {FSDP2_NOTE}")
+    updates = [f"{r.contender} {r.extra['update_ms_median']:.2f}" for r in rs if r.extra.get("update_ms_median")]
+    if updates:
+        lines.append(f"  optimizer step, median ms per step (rank 0): {', '.join(updates)}")
     c = e.get("allreduce_cost_ms")
     if c:
         lines.append(f"  one gloo all-reduce here (median of {COST_CALLS}): {c['one_element_ms']:.3f} ms for 1 element, "
