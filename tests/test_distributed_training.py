@@ -408,6 +408,26 @@ def _placements_body(rank, world_size):
     out["partial_grad"] = (torch.allclose(p.full_tensor(), q.detach(), rtol=1e-6, atol=1e-6)
                            and tuple(p.grad.placements) == (Shard(0),))
 
+    # GradScaler: an inf in rank 0's shard alone skips the step on every rank (torch's found_inf reduction
+    # for DTensor gradients), without state; the next, finite step unscales inside the operator.
+    p = torch.nn.Parameter(distribute_tensor(torch.ones(4, device=device), mesh, [Shard(0)]))
+    g_inf = torch.ones(4, device=device)
+    g_inf[0] = math.inf
+    p.grad = distribute_tensor(g_inf, mesh, [Shard(0)])
+    opt = torch_wsl.optim.AdamW([p], lr=0.1)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0)
+    scaler.scale(torch.ones((), device=device))  # the scaler's scale lives on the device from here
+    scaler.step(opt)
+    scaler.update()
+    skipped = bool((p.full_tensor() == 1).all()) and len(opt.state) == 0
+    p.grad = distribute_tensor(torch.full((4,), 0.5 * scaler.get_scale(), device=device), mesh, [Shard(0)])
+    scaler.step(opt)
+    scaler.update()
+    q = torch.ones(4, device=device, requires_grad=True)
+    q.grad = torch.full((4,), 0.5, device=device)
+    torch_wsl.optim.AdamW([q], lr=0.1).step()
+    out["grad_scaler"] = (skipped, torch.equal(p.full_tensor(), q.detach()), tuple(p.grad.full_tensor().tolist()))
+
     errors = {}
 
     def expect_error(key, fn):
@@ -474,6 +494,9 @@ def test_placements_clipping_and_bad_configurations(backend):
     assert dtype == torch.bfloat16
     assert got == pytest.approx(want, rel=2 ** -8)
     assert r0["partial_grad"]
+    skipped, stepped_like_unscaled, grad_after = r0["grad_scaler"]
+    assert skipped and stepped_like_unscaled
+    assert grad_after == (0.5,) * 4  # unscaled in place, as torch's fused optimizers leave it
     clip_ops = r0["clip_ops"]
     assert "aten::_local_scalar_dense" not in clip_ops and "aten::item" not in clip_ops, clip_ops
     assert "torch_wsl::total_norm" in clip_ops and "torch_wsl::clip_grads_with_norm_" in clip_ops, clip_ops
