@@ -103,7 +103,8 @@ def run_workers(body: Callable, world_size: int | None = None, *, backend: str =
     results = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="twsl-dist-") as tmp:
         store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, world_size, backend, store, body, kwargs, results, init_group), daemon=True)
+        procs = [ctx.Process(target=_worker, daemon=True,
+                             args=(r, world_size, backend, store, body, kwargs, results, init_group))
                  for r in range(world_size)]
         for p in procs:
             p.start()
@@ -116,8 +117,8 @@ def run_workers(body: Callable, world_size: int | None = None, *, backend: str =
                 if left <= 0 and failures:
                     break
                 if left <= 0:
-                    raise AssertionError(f"distributed run timed out after {timeout_s:.0f} s "
-                                         f"(ranks done: {sorted(got)}; failures: {len(failures)})\n" + "\n".join(failures))
+                    raise AssertionError(f"distributed run timed out after {timeout_s:.0f} s (ranks done: "
+                                         f"{sorted(got)}; failures: {len(failures)})\n" + "\n".join(failures))
                 try:
                     rank, ok, out = results.get(timeout=min(left, 1.0))
                 except queue.Empty:

@@ -11,7 +11,6 @@ NCCL variants skip without 2 GPUs), several checks per spawn to keep the file sh
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -131,7 +130,8 @@ def _fsdp2_body(rank, world_size, steps, ckpt_dir):
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt_dir)
         loss, norm = _step(model, opt, _local_slice(ids, rank, world_size))
         traj.append((_global_mean(loss), _full(norm)))
-    checks["norm_is_replicated_dtensor"] = isinstance(norm, DTensor) and all(pl.is_replicate() for pl in norm.placements)
+    checks["norm_is_replicated_dtensor"] = (isinstance(norm, DTensor)
+                                            and all(pl.is_replicate() for pl in norm.placements))
     p = next(iter(model.parameters()))
     st = opt.state[p]
     checks["state_kinds"] = {key: (type(v).__name__, tuple(getattr(v, "placements", ()))
@@ -393,8 +393,8 @@ def _placements_body(rank, world_size):
     out["clip_ops"] = sorted(seen.names)
     # bf16 shards: accumulated in float32 across ranks, returned in bf16 as torch returns it
     b16 = torch_wsl.nn.utils.get_total_norm([d.to(torch.bfloat16) for d in dgrads])
-    out["bf16"] = (b16.dtype, b16.full_tensor().item(),
-                   torch.linalg.vector_norm(torch.cat([gr.to(torch.bfloat16).double().flatten() for gr in grads[0]])).item())
+    exact = torch.linalg.vector_norm(torch.cat([gr.to(torch.bfloat16).double().flatten() for gr in grads[0]]))
+    out["bf16"] = (b16.dtype, b16.full_tensor().item(), exact.item())
 
     # A gradient whose placements differ from its parameter's is redistributed first (Partial -> Shard).
     p = torch.nn.Parameter(distribute_tensor(fulls[0].to(device), mesh, [Shard(0)]))

@@ -432,7 +432,8 @@ def format_report(results: list[Result]) -> str:
         lines.append(f"  optimizer step, median ms per step (rank 0): {', '.join(updates)}")
     c = e.get("allreduce_cost_ms")
     if c:
-        lines.append(f"  one gloo all-reduce here (median of {COST_CALLS}): {c['one_element_ms']:.3f} ms for 1 element, "
+        lines.append(f"  one gloo all-reduce here (median of {COST_CALLS}): "
+                     f"{c['one_element_ms']:.3f} ms for 1 element, "
                      f"{c['gradients_fp32_ms']:.2f} ms for the float32 gradients, "
                      f"{c['gradients_bf16_ms']:.2f} ms in bf16")
     return "\n".join(lines)
