@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from ..ops import optim as ops
-from ..optim._sharded import describe, dtensor_class, local
+from ..ops._dtensor import dtensor_class
+from ..optim._sharded import describe, local
 
 __all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm"]
 

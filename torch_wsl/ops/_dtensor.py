@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["install", "is_registered", "is_sharded_dtensor"]
+__all__ = ["dtensor_class", "install", "is_registered", "is_sharded_dtensor"]
 
 _DTENSOR = "torch.distributed.tensor"
 _registered = False
@@ -48,13 +48,18 @@ def is_registered() -> bool:
     return _registered
 
 
-def is_sharded_dtensor(t: object) -> bool:
-    """Whether ``t`` is a DTensor whose local shard is not the whole tensor (any placement but Replicate).
+def dtensor_class() -> Optional[type]:
+    """DTensor's class once torch.distributed.tensor is imported, else None.
 
-    Never imports DTensor: a process that has not imported it holds no DTensor.
+    Never imports DTensor (about a second): a process that has not imported it holds no DTensor.
     """
     module = sys.modules.get(_DTENSOR)
-    dtensor = getattr(module, "DTensor", None) if module is not None else None
+    return getattr(module, "DTensor", None) if module is not None else None
+
+
+def is_sharded_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor whose local shard is not the whole tensor (any placement but Replicate)."""
+    dtensor = dtensor_class()
     return dtensor is not None and isinstance(t, dtensor) and not all(p.is_replicate() for p in t.placements)
 
 

@@ -19,28 +19,22 @@ group may live on several meshes (FSDP2 with tensor parallelism puts the
 parallelized layers on a 2-D mesh and the rest on the data-parallel one), as
 torch.optim allows: the update is elementwise on each tensor.
 
-DTensor's module costs about a second to import; nothing here imports it. A
-DTensor exists only once ``torch.distributed.tensor`` is imported, so its
-class is looked up in ``sys.modules``.
+DTensor's module costs about a second to import; nothing here imports it
+(``ops._dtensor.dtensor_class`` finds the class once it is imported).
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 from torch import Tensor
 from torch.nn import Parameter
 
-__all__ = ["dtensor_class", "describe", "ShardedGroupCheck", "local"]
+from ..ops._dtensor import dtensor_class
+
+__all__ = ["describe", "ShardedGroupCheck", "local"]
 
 _PLAIN_TYPES = (Tensor, Parameter)
-
-
-def dtensor_class() -> Optional[type]:
-    """DTensor's class when torch.distributed.tensor is imported, else None (no DTensor can exist)."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", None) if mod is not None else None
 
 
 def describe(t: Tensor) -> str:

@@ -9,8 +9,9 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from ..ops import optim as ops
+from ..ops._dtensor import dtensor_class
 from ._common import AmpScalars, as_float, by_device, check_param_and_grad, check_state, grad_is_ok, lr_arg
-from ._sharded import ShardedGroupCheck, dtensor_class, local
+from ._sharded import ShardedGroupCheck, local
 
 __all__ = ["Adam", "AdamW"]
 
