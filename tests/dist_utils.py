@@ -10,28 +10,23 @@
         results = run_workers(_body, world_size=2, steps=3)   # one result per rank
 
 Each worker joins a process group through a file store in a fresh temporary
-directory, runs the body with one intra-op thread (two ranks share this 2-core
-machine), and sends back the body's return value or its traceback. A worker
-that fails fails the test with that traceback; a run past ``timeout_s`` is
-killed and fails the test, so a hung collective never hangs the suite.
+directory and runs the body with one intra-op thread (two ranks share this
+2-core machine); torch_wsl.distributed._spawn.run_ranks spawns them and
+collects the results. A worker that fails fails the test with every rank's
+traceback; a run past ``timeout_s`` is killed and fails the test, so a hung
+collective never hangs the suite.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
-import queue
-import tempfile
-import time
-import traceback
 from typing import Any, Callable
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import HAS_CUDA_KERNELS
+from torch_wsl.distributed._spawn import run_ranks
 
 #: Seconds a whole multi-process run may take (imports included) before it is killed.
 DEFAULT_TIMEOUT_S = 240
@@ -59,28 +54,19 @@ def device_for(backend: str, rank: int) -> torch.device:
     return torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
 
 
-def _worker(rank: int, world_size: int, backend: str, store_path: str, body: Callable, kwargs: dict,
-            results: Any, init_group: bool) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    try:
-        import torch_wsl  # noqa: F401  (registers the operators in the spawned interpreter)
+def _test_rank(rank: int, world_size: int, store_path: str, backend: str, body: Callable, kwargs: dict,
+               init_group: bool) -> Any:
+    import torch_wsl  # noqa: F401  (registers the operators in the spawned interpreter)
 
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        if not init_group:
-            out = body(rank, world_size, init_method=f"file://{store_path}", **kwargs)
-        else:
-            dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size)
-            try:
-                out = body(rank, world_size, **kwargs)
-            finally:
-                dist.destroy_process_group()
-        # Plain pickle bytes: torch.multiprocessing would share tensors through file
-        # descriptors that die with this process before the parent reads them.
-        results.put((rank, True, pickle.dumps(out)))
-    except BaseException:  # noqa: BLE001  (sent to the parent, which fails the test with it)
-        results.put((rank, False, traceback.format_exc()))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    if not init_group:
+        return body(rank, world_size, init_method=f"file://{store_path}", **kwargs)
+    dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        return body(rank, world_size, **kwargs)
+    finally:
+        dist.destroy_process_group()
 
 
 def world_size_for(backend: str) -> int:
@@ -99,52 +85,7 @@ def run_workers(body: Callable, world_size: int | None = None, *, backend: str =
     """
     if world_size is None:
         world_size = world_size_for(backend)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="twsl-dist-") as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, daemon=True,
-                             args=(r, world_size, backend, store, body, kwargs, results, init_group))
-                 for r in range(world_size)]
-        for p in procs:
-            p.start()
-        got: dict[int, Any] = {}
-        failures: list[str] = []
-        try:
-            deadline = time.monotonic() + timeout_s
-            while len(got) + len(failures) < world_size:
-                left = deadline - time.monotonic()
-                if left <= 0 and failures:
-                    break
-                if left <= 0:
-                    raise AssertionError(f"distributed run timed out after {timeout_s:.0f} s (ranks done: "
-                                         f"{sorted(got)}; failures: {len(failures)})\n" + "\n".join(failures))
-                try:
-                    rank, ok, out = results.get(timeout=min(left, 1.0))
-                except queue.Empty:
-                    if failures:
-                        if time.monotonic() >= deadline:
-                            break
-                        continue
-                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
-                    if dead:
-                        # a worker died without reporting (segfault, OOM kill): do not wait for the timeout
-                        raise AssertionError(f"rank(s) {dead} exited with code "
-                                             f"{[procs[r].exitcode for r in dead]} without a result")
-                    continue
-                if ok:
-                    got[rank] = pickle.loads(out)
-                else:
-                    failures.append(f"--- rank {rank} ---\n{out}")
-                    # The other ranks may now wait forever in a collective: collect what
-                    # they report within a few seconds, then stop them.
-                    deadline = min(deadline, time.monotonic() + 5)
-        finally:
-            for p in procs:
-                p.join(timeout=5 if not failures else 0.5)
-                if p.is_alive():
-                    p.kill()
-                    p.join(timeout=5)
-        if failures:
-            raise AssertionError("distributed worker failed:\n" + "\n".join(failures))
-        return [got[r] for r in range(world_size)]
+    try:
+        return run_ranks(_test_rank, world_size, timeout_s=timeout_s, args=(backend, body, kwargs, init_group))
+    except RuntimeError as e:  # a failed test, with every rank's traceback
+        raise AssertionError(str(e)) from None

@@ -44,11 +44,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import queue
 import statistics
-import tempfile
 import time
-import traceback
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -284,56 +281,6 @@ def _measure(rank: int, world: int, store: str, cfg: dict) -> dict:
         dist.destroy_process_group()
 
 
-def _worker(rank: int, world: int, store: str, cfg: dict, results) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", str(cfg["threads"]))
-    torch.set_num_threads(cfg["threads"])
-    try:
-        results.put((rank, True, _measure(rank, world, store, cfg)))
-    except BaseException:  # noqa: BLE001  (sent to the parent, which raises it)
-        results.put((rank, False, traceback.format_exc()))
-
-
-def _spawn(cfg: dict, world: int, timeout_s: float) -> list[dict]:
-    """Run _measure in `world` spawned processes; their results by rank, or every failing rank's traceback."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="twsl-bench-dist-") as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, world, store, cfg, results), daemon=True) for r in range(world)]
-        for p in procs:
-            p.start()
-        got: dict[int, dict] = {}
-        failures: list[str] = []
-        deadline = time.monotonic() + timeout_s
-        try:
-            while len(got) + len(failures) < world and time.monotonic() < deadline:
-                try:
-                    rank, ok, out = results.get(timeout=1.0)
-                except queue.Empty:
-                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
-                    if dead and not failures:
-                        failures.append(f"rank(s) {dead} exited with code {[procs[r].exitcode for r in dead]}")
-                    if failures:
-                        deadline = min(deadline, time.monotonic() + 5)
-                    continue
-                if ok:
-                    got[rank] = out
-                else:
-                    failures.append(f"--- rank {rank} ---\n{out}")
-                    deadline = min(deadline, time.monotonic() + 5)  # the others may wait in a collective
-        finally:
-            for p in procs:
-                p.join(timeout=5 if not failures else 0.5)
-                if p.is_alive():
-                    p.kill()
-                    p.join(timeout=5)
-        if failures or len(got) < world:
-            raise RuntimeError("dist suite: a process failed or timed out\n" + "\n".join(failures))
-        return [got[r] for r in range(world)]
-
-
 # ---------------------------------------------------------------- run
 
 def _contenders(args) -> list[str]:
@@ -356,7 +303,9 @@ def run(args) -> list[Result]:
         QUICK_ROUNDS if args.quick else ROUNDS), "warmup": args.dist_warmup,
            "bucket_mb": args.dist_bucket_mb or DDP_BUCKET_CAP_MB_WSL2, "threads": threads}
     t0 = time.perf_counter()
-    ranks = _spawn(cfg, WORLD, TIMEOUT_S)
+    from torch_wsl.distributed._spawn import run_ranks
+
+    ranks = run_ranks(_measure, WORLD, timeout_s=TIMEOUT_S, args=(cfg,), threads=cfg["threads"], what="dist suite")
     first = ranks[0]
     results = [harness.result_from_dict(d) for d in first["results"]]
     for r in results:
